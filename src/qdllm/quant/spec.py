@@ -1,0 +1,135 @@
+"""The validated settings of one weight quantization (`quantize_weight`'s `cfg`).
+
+`QuantSpec` is the flat, framework-free view of the Hydra `quant` node merged with the `abmp`
+node. `QuantSpec.from_any` accepts a dataclass, an OmegaConf node or a plain dict, rejects unknown
+keys and out-of-range values with a message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+METHODS = ("none", "rtn", "gptq", "daq")
+Z_MODES = ("inv_diag_sq", "inv_diag", "chol_diag_sq", "magnitude")
+COMPENSATIONS = ("auto", "off", "diag", "exact")
+DOR_SCOPES = ("group", "matrix")
+ABMP_SCOPES = ("matrix", "block")
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class QuantConfigError(ValueError):
+    """A quantization setting is invalid; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Every knob of `quantize_weight`. Defaults follow `shared/spec/algorithm.md` §13.
+
+    Methods: ``none`` (identity), ``rtn`` (round to nearest, min-max per group), ``gptq``
+    (GPTQ/OBQ column-wise with lazy blocks), ``daq`` (Quant-dLLM's data-aware any-order
+    binary-coded quantizer).
+    """
+
+    method: str = "daq"
+    # uniform quantizers (rtn, gptq)
+    bits: int = 2
+    sym: bool = False
+    group_size: int = 128
+    require_full_groups: bool = False
+    # gptq
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    # daq (paper eq. 3-10, Alg. 2)
+    order: int = 2
+    lam: float = 2.0
+    iters: int = 10
+    z_mode: str = "inv_diag_sq"
+    dor: bool = True
+    dor_scope: str = "group"
+    dor_k_sigma: float = 3.0
+    rsr: bool = True
+    row_center: bool = False
+    eps: float = 1e-7
+    # cross-group error compensation (GPTQ/OBC style; any per-group quantizer).
+    # "auto" = the method's own default: daq -> diag, rtn -> off, gptq -> column-wise (built in)
+    compensation: str = "auto"
+    # Hessian utilities
+    damp: float = 0.01
+    damp_max_tries: int = 8
+    # storage precision of every scale (the packed format stores them in this dtype)
+    scale_dtype: str = "float16"
+    # ABMP (Alg. 3)
+    abmp_ratio: float = 0.0
+    abmp_scope: str = "matrix"
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> QuantSpec:
+        """Build from a QuantSpec, dataclass, OmegaConf node or mapping; validate every field."""
+        if isinstance(cfg, cls):
+            return cfg.validated()
+        if dataclasses.is_dataclass(cfg):
+            cfg = dataclasses.asdict(cfg)
+        elif not isinstance(cfg, Mapping):
+            try:
+                from omegaconf import OmegaConf
+
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+            except Exception as exc:  # not an OmegaConf node either
+                raise QuantConfigError(
+                    f"quant config must be a mapping, dataclass or OmegaConf node, got {type(cfg).__name__}"
+                ) from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise QuantConfigError(f"unknown quant config key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**dict(cfg)).validated()
+
+    def validated(self) -> QuantSpec:
+        def need(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise QuantConfigError(f"quant.{field}={getattr(self, field)!r}: {msg}")
+
+        need(self.method in METHODS, "method", f"must be one of {METHODS}")
+        need(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits", "must be an int in [1, 8]")
+        need(
+            isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1),
+            "group_size",
+            "must be a positive int, or -1 for one group per row",
+        )
+        need(self.block_size >= 1, "block_size", "must be >= 1")
+        need(isinstance(self.order, int) and 1 <= self.order <= 8, "order", "must be an int in [1, 8]")
+        need(self.lam >= 1.0, "lam", "the outlier weight lambda must be >= 1 (1 disables DOR)")
+        need(isinstance(self.iters, int) and self.iters >= 0, "iters", "must be an int >= 0")
+        need(self.z_mode in Z_MODES, "z_mode", f"must be one of {Z_MODES}")
+        need(self.dor_scope in DOR_SCOPES, "dor_scope", f"must be one of {DOR_SCOPES}")
+        need(self.dor_k_sigma > 0, "dor_k_sigma", "must be > 0")
+        need(self.eps > 0, "eps", "must be > 0")
+        need(self.compensation in COMPENSATIONS, "compensation", f"must be one of {COMPENSATIONS}")
+        need(self.damp > 0, "damp", "relative damping must be > 0 (GPTQ uses 0.01)")
+        need(self.damp_max_tries >= 1, "damp_max_tries", "must be >= 1")
+        need(self.scale_dtype in SCALE_DTYPES, "scale_dtype", f"must be one of {list(SCALE_DTYPES)}")
+        need(0.0 <= self.abmp_ratio <= 0.5, "abmp_ratio", "must lie in [0, 0.5] (0 turns ABMP off)")
+        need(self.abmp_scope in ABMP_SCOPES, "abmp_scope", f"must be one of {ABMP_SCOPES}")
+        if self.method == "daq" and self.abmp_ratio > 0:
+            need(self.order >= 2, "order", "ABMP moves groups to order K-1, so it needs order >= 2")
+        if self.method == "gptq" and self.static_groups:
+            need(self.group_size != -1, "static_groups", "needs a finite group_size")
+        return self
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def scale_bits(self) -> int:
+        return torch.finfo(self.torch_scale_dtype).bits
+
+    def effective_group_size(self, in_features: int) -> int:
+        """Columns per group; -1 means one group spanning all columns."""
+        return in_features if self.group_size == -1 else min(self.group_size, in_features)
