@@ -219,7 +219,13 @@ def _daq(
         buckets: dict[tuple[int, int], list[int]] = {}
         for index, cols in enumerate(slices):
             buckets.setdefault((cols.stop - cols.start, order_list[index]), []).append(index)
-        for (_, order), members in buckets.items():
+        per_batch = max(1, spec.batch_elements // (w.shape[0] * spec.effective_group_size(w.shape[1])))
+        batches = [
+            (order, members[start : start + per_batch])
+            for (_, order), members in buckets.items()
+            for start in range(0, len(members), per_batch)
+        ]
+        for order, members in batches:
             units = torch.stack([w[:, slices[i]] for i in members])
             weights = None if lam2 is None else torch.stack([lam2[:, slices[i]] for i in members])
             code = run(units, weights, order)

@@ -64,6 +64,9 @@ class QuantSpec:
     damp_max_tries: int = 8
     # storage precision of every scale (the packed format stores them in this dtype)
     scale_dtype: str = "float16"
+    # groups quantized together when there is no compensation (bounds temporaries; CPU caches
+    # favour small batches, GPUs large ones)
+    batch_elements: int = 2**22
     # ABMP (Alg. 3)
     abmp_ratio: float = 0.0
     abmp_scope: str = "matrix"
@@ -113,6 +116,7 @@ class QuantSpec:
         need(self.compensation in COMPENSATIONS, "compensation", f"must be one of {COMPENSATIONS}")
         need(self.damp > 0, "damp", "relative damping must be > 0 (GPTQ uses 0.01)")
         need(self.damp_max_tries >= 1, "damp_max_tries", "must be >= 1")
+        need(self.batch_elements >= 1, "batch_elements", "must be >= 1")
         need(self.scale_dtype in SCALE_DTYPES, "scale_dtype", f"must be one of {list(SCALE_DTYPES)}")
         need(0.0 <= self.abmp_ratio <= 0.5, "abmp_ratio", "must lie in [0, 0.5] (0 turns ABMP off)")
         need(self.abmp_scope in ABMP_SCOPES, "abmp_scope", f"must be one of {ABMP_SCOPES}")

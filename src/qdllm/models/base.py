@@ -1,0 +1,77 @@
+"""The small interface every diffusion-LM family implements for the pipeline, evaluation, packing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Linears of one block that read the same input, quantized together (true-sequential order)."""
+
+    name: str
+    linears: tuple[str, ...]
+
+
+class DiffusionLM:
+    """A masked-diffusion LM: blocks, stages, bidirectional block calls and aligned logits.
+
+    Subclasses set `family`, `stages`, `mask_token_id`, `shift_logits` and implement `blocks`,
+    `embed`, `block_forward`, `head`.
+    """
+
+    family: str = ""
+    stages: tuple[Stage, ...] = ()
+
+    def __init__(self, model: nn.Module, tokenizer, mask_token_id: int, shift_logits: bool, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mask_token_id = int(mask_token_id)
+        self.shift_logits = shift_logits
+        self.name = name or self.family
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, d) block-0 input."""
+        raise NotImplementedError
+
+    def block_forward(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """One block on (B, L, d) states, bidirectional attention, position ids 0..L-1."""
+        raise NotImplementedError
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: (B, L, d) -> (B, L, V) raw logits."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) logits aligned so that position i scores token i (shifted families realigned)."""
+        hidden = self.embed(input_ids)
+        for block in self.blocks():
+            hidden = self.block_forward(block, hidden)
+        out = self.head(hidden)
+        if self.shift_logits:
+            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+        return out
+
+    def quantizable(self) -> list[tuple[int, str, nn.Linear]]:
+        """(block index, name in block, module) for every Linear the pipeline quantizes."""
+        out = []
+        for index, block in enumerate(self.blocks()):
+            for stage in self.stages:
+                for name in stage.linears:
+                    out.append((index, name, block.get_submodule(name)))
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

@@ -1,0 +1,183 @@
+"""Quantize every block of a `DiffusionLM` stage by stage on cached calibration states (spec §9).
+
+For block b and each stage (qkv -> attn_out -> ff_in -> ff_out): accumulate S once per shared input
+from the partially quantized block, quantize each Linear of the stage with `quantize_weight`, write
+the result back (later stages see quantized upstream modules); then propagate the cached states
+through the quantized block, overwriting them (one copy of the cache). After each block its
+quantized weights and metrics are written atomically to `checkpoint_dir`; a restarted run reloads
+the finished blocks, recomputes the cache through them and continues, giving identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from qdllm.models.base import DiffusionLM
+from qdllm.pipeline.stats import second_moments
+from qdllm.quant import QuantSpec, quantize_weight
+from qdllm.quant.abmp import allocate_orders, group_scores
+from qdllm.quant.groups import group_slices
+from qdllm.quant.hessian import factorize
+from qdllm.quant.importance import importance
+
+
+@dataclass
+class PipelineSpec:
+    batch_size: int = 8  # calibration states per forward chunk
+    cache_device: str = "model"  # model (same device as the weights) | cpu
+    checkpoint_dir: str | None = None  # per-block checkpoints; resume when it holds finished blocks
+    progress: bool = True
+
+
+@dataclass
+class PipelineReport:
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+    blocks_resumed: int = 0
+
+
+def _fingerprint(quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM) -> str:
+    h = hashlib.sha256(json.dumps(asdict(quant), sort_keys=True).encode())
+    h.update(dllm.family.encode())
+    h.update(states.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def quantize_model(
+    dllm: DiffusionLM, states: torch.Tensor, quant_cfg: Any, spec: PipelineSpec | None = None
+) -> PipelineReport:
+    """Fake-quantize `dllm` in place on calibration `states` (M, L) int64; returns metrics."""
+    spec = spec or PipelineSpec()
+    quant = QuantSpec.from_any(quant_cfg)
+    report = PipelineReport()
+    if quant.method == "none":
+        return report
+    timing: dict[str, float] = defaultdict(float)
+    device = dllm.device
+    cache_device = device if spec.cache_device == "model" else torch.device(spec.cache_device)
+
+    start = time.perf_counter()
+    chunks = [dllm.embed(s.to(device)).to(cache_device) for s in states.split(spec.batch_size)]
+    timing["embed"] += time.perf_counter() - start
+
+    ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        fingerprint = _fingerprint(quant, states, dllm)
+        manifest = ckpt / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text())["fingerprint"] != fingerprint:
+            raise RuntimeError(
+                f"pipeline.checkpoint_dir={ckpt} holds a run with another config or calibration set; "
+                "use a fresh directory"
+            )
+        _atomic_json(manifest, {"fingerprint": fingerprint})
+
+    blocks = dllm.blocks()
+    bar = tqdm(range(len(blocks)), desc="quantize blocks", disable=not spec.progress)
+    for b in bar:
+        block = blocks[b]
+        run_block = lambda h, blk=block: dllm.block_forward(blk, h)  # noqa: E731
+        done = ckpt is not None and (ckpt / f"block_{b:04d}.json").exists()
+        if done:
+            _load_block(block, ckpt, b)
+            report.layers.extend(json.loads((ckpt / f"block_{b:04d}.json").read_text()))
+            report.blocks_resumed += 1
+        else:
+            orders = (
+                _block_orders(dllm, block, chunks, quant, device, run_block)
+                if quant.abmp_scope == "block"
+                else {}
+            )
+            rows = []
+            for stage in dllm.stages:
+                bar.set_postfix_str(stage.name)
+                modules = [block.get_submodule(n) for n in stage.linears]
+                t0 = time.perf_counter()
+                (s,) = second_moments(run_block, modules[:1], chunks, device)
+                timing[f"stats/{stage.name}"] += time.perf_counter() - t0
+                for name, module in zip(stage.linears, modules, strict=True):
+                    t0 = time.perf_counter()
+                    result = quantize_weight(module.weight, s, quant, orders=orders.get(name))
+                    module.weight.copy_(result.weight)
+                    timing[f"quant/{stage.name}"] += time.perf_counter() - t0
+                    rows.append(_row(b, stage.name, name, module, result))
+            if ckpt is not None:
+                _save_block(block, dllm, ckpt, b, rows)
+            report.layers.extend(rows)
+        t0 = time.perf_counter()
+        for i, chunk in enumerate(chunks):
+            chunks[i] = run_block(chunk.to(device)).to(cache_device)
+        timing["propagate"] += time.perf_counter() - t0
+    report.timing = dict(timing)
+    return report
+
+
+def _block_orders(dllm, block, chunks, quant: QuantSpec, device, run_block) -> dict[str, torch.Tensor]:
+    """ABMP with block scope: rank the groups of all Linears of the block together (FP statistics)."""
+    firsts = [block.get_submodule(stage.linears[0]) for stage in dllm.stages]
+    moments = second_moments(run_block, firsts, chunks, device, stop_early=False)
+    names, scores, sizes = [], [], []
+    for stage, s in zip(dllm.stages, moments, strict=True):
+        factors = factorize(s, quant.damp, quant.damp_max_tries)
+        for name in stage.linears:
+            w = block.get_submodule(name).weight.to(torch.float32)
+            gsize = quant.effective_group_size(w.shape[1])
+            names.append(name)
+            scores.append(group_scores(importance(w, factors, quant.z_mode), gsize, reduce="mean"))
+            sizes.append([w.shape[0] * (sl.stop - sl.start) for sl in group_slices(w.shape[1], gsize)])
+    return dict(zip(names, allocate_orders(scores, sizes, quant.abmp_ratio, quant.order), strict=True))
+
+
+def _row(block: int, stage: str, name: str, module, result) -> dict[str, Any]:
+    hist = torch.bincount(result.orders).tolist()
+    return {
+        "block": block,
+        "stage": stage,
+        "name": name,
+        "rows": module.weight.shape[0],
+        "cols": module.weight.shape[1],
+        "orders_hist": json.dumps({k: n for k, n in enumerate(hist) if n}),
+        "bits_per_weight": result.bits_per_weight,
+        "weight_error": result.weight_error,
+        "proxy_error": result.proxy_error,
+        "outlier_fraction": result.outlier_fraction,
+        "damp": result.damp,
+        "dead_channels": result.dead_channels,
+        "seconds": result.seconds,
+    }
+
+
+def _linear_names(dllm: DiffusionLM) -> list[str]:
+    return [n for stage in dllm.stages for n in stage.linears]
+
+
+def _save_block(block, dllm, ckpt: Path, b: int, rows: list[dict]) -> None:
+    tensors = {n: block.get_submodule(n).weight.detach().contiguous().cpu() for n in _linear_names(dllm)}
+    tmp = ckpt / f"block_{b:04d}.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, ckpt / f"block_{b:04d}.safetensors")
+    _atomic_json(ckpt / f"block_{b:04d}.json", rows)  # written last: marks the block finished
+
+
+def _load_block(block, ckpt: Path, b: int) -> None:
+    for name, tensor in load_file(str(ckpt / f"block_{b:04d}.safetensors")).items():
+        target = block.get_submodule(name).weight
+        target.copy_(tensor.to(target.device, target.dtype))
