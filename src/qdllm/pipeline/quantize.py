@@ -155,6 +155,8 @@ def _row(block: int, stage: str, name: str, module, result) -> dict[str, Any]:
         "rows": module.weight.shape[0],
         "cols": module.weight.shape[1],
         "orders_hist": json.dumps({k: n for k, n in enumerate(hist) if n}),
+        "orders": json.dumps(result.orders.tolist()),
+        "group_size": result.group_size,
         "bits_per_weight": result.bits_per_weight,
         "weight_error": result.weight_error,
         "proxy_error": result.proxy_error,

@@ -1,0 +1,98 @@
+"""End-to-end pipeline on tiny models: runs, identity, untouched modules, resume."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from qdllm.calib import MCSSpec, mcs_states
+from qdllm.data import DataSpec, calibration_windows, load_texts
+from qdllm.models import load_dllm
+from qdllm.pipeline import PipelineSpec, quantize_model
+from qdllm.pipeline import quantize as pipeline_module
+
+
+def _states(dllm, c4_path, n=6, seqlen=96):
+    spec = DataSpec(path=c4_path, nsamples=n, seqlen=seqlen)
+    windows = calibration_windows(load_texts(spec), dllm.tokenizer, spec)
+    states, _ = mcs_states(windows, dllm.mask_token_id, MCSSpec(timesteps=4))
+    return windows, states
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_end_to_end_quantizes_every_linear_and_nothing_else(c4_path, family):
+    dllm = load_dllm({"family": family})
+    windows, states = _states(dllm, c4_path)
+    before = {k: v.clone() for k, v in dllm.model.state_dict().items()}
+    start = time.perf_counter()
+    report = quantize_model(dllm, states, {"method": "daq", "abmp_ratio": 0.5}, PipelineSpec(progress=False))
+    assert time.perf_counter() - start < 60
+    quantized = {f"{i}.{n}" for i, n, _ in dllm.quantizable()}
+    assert {f"{r['block']}.{r['name']}" for r in report.layers} == quantized
+    changed = {k for k, v in dllm.model.state_dict().items() if not torch.equal(v, before[k])}
+    targets = {id(m.weight) for _, _, m in dllm.quantizable()}
+    expected = {k for k, p in dllm.model.named_parameters() if id(p) in targets}
+    # every target Linear changed; embeddings, norms, biases and the LM head are untouched
+    assert changed == expected and len(expected) == 14
+    assert all(0 < r["proxy_error"] < 1 for r in report.layers)
+    assert set(report.timing) >= {"embed", "propagate", "stats/qkv", "quant/ff_out"}
+
+
+def test_method_none_is_bit_identical(c4_path):
+    dllm = load_dllm({"family": "llada"})
+    windows, states = _states(dllm, c4_path)
+    before = dllm.logits(windows[:2])
+    quantize_model(dllm, states, {"method": "none"}, PipelineSpec(progress=False))
+    assert torch.equal(dllm.logits(windows[:2]), before)
+
+
+def test_killed_run_resumes_to_identical_weights(c4_path, tmp_path, monkeypatch):
+    cfg = {"method": "daq", "abmp_ratio": 0.5}
+    reference = load_dllm({"family": "llada"})
+    _, states = _states(reference, c4_path)
+    quantize_model(reference, states, cfg, PipelineSpec(progress=False))
+
+    calls = {"n": 0}
+    real = pipeline_module.quantize_weight
+
+    def crash_in_block_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 7:  # 7 Linears per block: die at the first Linear of block 1
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    killed = load_dllm({"family": "llada"})
+    monkeypatch.setattr(pipeline_module, "quantize_weight", crash_in_block_two)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(killed, states, cfg, PipelineSpec(progress=False, checkpoint_dir=str(tmp_path)))
+    monkeypatch.setattr(pipeline_module, "quantize_weight", real)
+
+    resumed = load_dllm({"family": "llada"})
+    report = quantize_model(resumed, states, cfg, PipelineSpec(progress=False, checkpoint_dir=str(tmp_path)))
+    assert report.blocks_resumed == 1
+    for (k, v), (k2, v2) in zip(
+        reference.model.state_dict().items(), resumed.model.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2), k
+
+
+def test_block_scope_abmp_keeps_budget(c4_path):
+    dllm = load_dllm({"family": "dream"})
+    _, states = _states(dllm, c4_path)
+    report = quantize_model(
+        dllm,
+        states,
+        {"method": "daq", "abmp_ratio": 0.3, "abmp_scope": "block"},
+        PipelineSpec(progress=False),
+    )
+    for block in (0, 1):
+        rows = [r for r in report.layers if r["block"] == block]
+        weighted, total = 0, 0
+        for r in rows:
+            widths = [min(r["group_size"], r["cols"] - s) for s in range(0, r["cols"], r["group_size"])]
+            orders = json.loads(r["orders"])
+            weighted += sum(k * r["rows"] * w for k, w in zip(orders, widths, strict=True))
+            total += r["rows"] * r["cols"]
+        assert weighted == 2 * total  # exact average order over the block, by weight count
+    assert any(set(json.loads(r["orders_hist"])) != {"2"} for r in report.layers)
