@@ -18,7 +18,11 @@ import torch
 
 from qdllm.quant import quantize_weight
 
-LLADA_SHAPES = {"attn 4096x4096": (4096, 4096), "ff_in 12288x4096": (12288, 4096), "ff_out 4096x12288": (4096, 12288)}
+LLADA_SHAPES = {
+    "attn 4096x4096": (4096, 4096),
+    "ff_in 12288x4096": (12288, 4096),
+    "ff_out 4096x12288": (4096, 12288),
+}
 LLADA_COUNT_PER_BLOCK = {"attn 4096x4096": 4, "ff_in 12288x4096": 2, "ff_out 4096x12288": 1}
 LLADA_BLOCKS = 32
 
@@ -62,7 +66,9 @@ def time_one(weight: torch.Tensor, s: torch.Tensor, cfg: dict, repeats: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--shapes", default=",".join(LLADA_SHAPES))
@@ -107,7 +113,9 @@ def render(results: list[dict], methods: list[str], shapes: list[str]) -> str:
         rows = [r for r in results if r["device"] == device]
         hardware = rows[0]["hardware"]
         lines.append(f"\n{device} ({hardware}), median seconds per matrix")
-        lines.append("| method | " + " | ".join(shapes) + " | 224 Linears (proj.) | vs GPTQ | proxy (ff_in) |")
+        lines.append(
+            "| method | " + " | ".join(shapes) + " | 224 Linears (proj.) | vs GPTQ | proxy (ff_in) |"
+        )
         lines.append("|---" * (len(shapes) + 4) + "|")
         projections = {}
         for name in methods:

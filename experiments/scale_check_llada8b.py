@@ -43,17 +43,22 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--timesteps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls for the S accumulation")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     dllm = random_llada8b(args.blocks, "cuda")
-    tokens = torch.randint(0, 126000, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, 126000, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1)
+    )
     states, _ = mcs_states(tokens, dllm.mask_token_id, MCSSpec(timesteps=args.timesteps, mode="stratified"))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     report = quantize_model(
-        dllm, states, {"method": "daq", "order": 2, "abmp_ratio": 0.05, "compensation": "diag"},
-        PipelineSpec(batch_size=args.batch_size, cache_device="model"),
+        dllm,
+        states,
+        {"method": "daq", "order": 2, "abmp_ratio": 0.05, "compensation": "diag"},
+        PipelineSpec(batch_size=args.batch_size, cache_device="model", allow_tf32=args.tf32),
     )
     torch.cuda.synchronize()
     total = time.perf_counter() - start
@@ -74,6 +79,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "blocks": args.blocks,
+        "tf32_statistics": args.tf32,
         "states": list(states.shape),
         "tokens": tokens_now,
         "total_seconds": total,

@@ -38,6 +38,7 @@ class PipelineSpec:
     cache_device: str = "model"  # model (same device as the weights) | cpu
     checkpoint_dir: str | None = None  # per-block checkpoints; resume when it holds finished blocks
     progress: bool = True
+    allow_tf32: bool = False  # TF32 matmuls (fp32 accumulation) for S on CUDA; spec §4 step 2
 
 
 @dataclass
@@ -45,6 +46,13 @@ class PipelineReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     blocks_resumed: int = 0
+
+
+def _clock(device: torch.device) -> float:
+    """Wall clock after the device finished queued work, so stage timings are attributed right."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _fingerprint(quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM) -> str:
@@ -74,9 +82,9 @@ def quantize_model(
     device = dllm.device
     cache_device = device if spec.cache_device == "model" else torch.device(spec.cache_device)
 
-    start = time.perf_counter()
+    start = _clock(device)
     chunks = [dllm.embed(s.to(device)).to(cache_device) for s in states.split(spec.batch_size)]
-    timing["embed"] += time.perf_counter() - start
+    timing["embed"] += _clock(device) - start
 
     ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
     if ckpt is not None:
@@ -110,22 +118,22 @@ def quantize_model(
             for stage in dllm.stages:
                 bar.set_postfix_str(stage.name)
                 modules = [block.get_submodule(n) for n in stage.linears]
-                t0 = time.perf_counter()
-                (s,) = second_moments(run_block, modules[:1], chunks, device)
-                timing[f"stats/{stage.name}"] += time.perf_counter() - t0
+                t0 = _clock(device)
+                (s,) = second_moments(run_block, modules[:1], chunks, device, allow_tf32=spec.allow_tf32)
+                timing[f"stats/{stage.name}"] += _clock(device) - t0
                 for name, module in zip(stage.linears, modules, strict=True):
-                    t0 = time.perf_counter()
+                    t0 = _clock(device)
                     result = quantize_weight(module.weight, s, quant, orders=orders.get(name))
                     module.weight.copy_(result.weight)
-                    timing[f"quant/{stage.name}"] += time.perf_counter() - t0
+                    timing[f"quant/{stage.name}"] += _clock(device) - t0
                     rows.append(_row(b, stage.name, name, module, result))
             if ckpt is not None:
                 _save_block(block, dllm, ckpt, b, rows)
             report.layers.extend(rows)
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         for i, chunk in enumerate(chunks):
             chunks[i] = run_block(chunk.to(device)).to(cache_device)
-        timing["propagate"] += time.perf_counter() - t0
+        timing["propagate"] += _clock(device) - t0
     report.timing = dict(timing)
     return report
 

@@ -19,6 +19,7 @@ def second_moments(
     chunks: Sequence[torch.Tensor],
     device: torch.device,
     stop_early: bool = True,
+    allow_tf32: bool = False,
 ) -> list[torch.Tensor]:
     """S (C_m, C_m) fp32 of each module's input over all chunks, normalised per token.
 
@@ -28,6 +29,7 @@ def second_moments(
         chunks: hidden states of every calibration state, in chunks, on any device.
         stop_early: abort each forward once every module has seen its input (saves the rest of
             the block's compute; only valid when `modules` are used exactly once per forward).
+        allow_tf32: accumulate X^T X with TF32 matmuls (fp32 accumulation) on CUDA.
     """
     sums = [torch.zeros(m.in_features, m.in_features, device=device, dtype=torch.float32) for m in modules]
     counts = [0] * len(modules)
@@ -45,6 +47,8 @@ def second_moments(
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(modules)]
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:
         for chunk in chunks:
             seen.clear()
@@ -53,6 +57,7 @@ def second_moments(
             except _StageInputsCaptured:
                 pass
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
         for h in handles:
             h.remove()
     return [s / max(n, 1) for s, n in zip(sums, counts, strict=True)]
