@@ -96,3 +96,37 @@ def test_block_scope_abmp_keeps_budget(c4_path):
             total += r["rows"] * r["cols"]
         assert weighted == 2 * total  # exact average order over the block, by weight count
     assert any(set(json.loads(r["orders_hist"])) != {"2"} for r in report.layers)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_disk_cache_and_offloaded_blocks_give_identical_weights(c4_path, tmp_path, family):
+    cfg = {"method": "daq", "abmp_ratio": 0.5}
+    in_memory = load_dllm({"family": family})
+    _, states = _states(in_memory, c4_path)
+    quantize_model(in_memory, states, cfg, PipelineSpec(progress=False))
+    on_disk = load_dllm({"family": family})
+    spec = PipelineSpec(progress=False, cache_device="disk", cache_dir=str(tmp_path), exec_device="cpu")
+    quantize_model(on_disk, states, cfg, spec)
+    assert len(list(tmp_path.glob("chunk_*.safetensors"))) == -(-len(states) // spec.batch_size)
+    for (k, v), (_, v2) in zip(
+        in_memory.model.state_dict().items(), on_disk.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(v, v2), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_blocks_offloaded_from_cpu_match_a_model_on_gpu(c4_path, family):
+    cfg = {"method": "daq", "abmp_ratio": 0.5}
+    on_gpu = load_dllm({"family": family, "device": "cuda"})
+    _, states = _states(on_gpu, c4_path)
+    quantize_model(on_gpu, states, cfg, PipelineSpec(progress=False))
+    offloaded = load_dllm({"family": family})
+    quantize_model(
+        offloaded, states, cfg, PipelineSpec(progress=False, exec_device="cuda", cache_device="cpu")
+    )
+    assert offloaded.device.type == "cpu"
+    for (k, v), (_, v2) in zip(
+        on_gpu.model.state_dict().items(), offloaded.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(v.cpu(), v2), k

@@ -36,6 +36,10 @@ class DiffusionLM:
     def blocks(self) -> nn.ModuleList:
         raise NotImplementedError
 
+    def shared_modules(self) -> list[nn.Module]:
+        """Modules outside the blocks that `block_forward` uses (moved along when offloading)."""
+        return []
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L, d) block-0 input."""
         raise NotImplementedError

@@ -39,6 +39,9 @@ class QwenLlamaDLLM(DiffusionLM):
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers
 
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.model.model.rotary_emb]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(input_ids)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,9 @@ from qdllm.quant.importance import importance
 @dataclass
 class PipelineSpec:
     batch_size: int = 8  # calibration states per forward chunk
-    cache_device: str = "model"  # model (same device as the weights) | cpu
+    cache_device: str = "model"  # model (the compute device) | cpu | disk (safetensors in cache_dir)
+    cache_dir: str | None = None  # for cache_device=disk; a temporary directory when None
+    exec_device: str | None = None  # e.g. cuda: blocks visit it one at a time, weights stay where loaded
     checkpoint_dir: str | None = None  # per-block checkpoints; resume when it holds finished blocks
     progress: bool = True
     allow_tf32: bool = False  # TF32 matmuls (fp32 accumulation) for S on CUDA; spec §4 step 2
@@ -46,6 +49,39 @@ class PipelineReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     blocks_resumed: int = 0
+
+
+class HiddenCache:
+    """Hidden states of every calibration chunk: one copy, on a device or on disk."""
+
+    def __init__(self, kind: str, device: torch.device, directory: str | None):
+        self.kind, self.device, self.chunks = kind, device, []
+        self.directory = (
+            Path(directory or tempfile.mkdtemp(prefix="qdllm_cache_")) if kind == "disk" else None
+        )
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.kind == "disk":
+            return load_file(str(self.chunks[index]))["hidden"]
+        return self.chunks[index]
+
+    def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        if self.kind == "disk":
+            path = self.directory / f"chunk_{index:06d}.safetensors"
+            save_file({"hidden": value.detach().contiguous().cpu()}, str(path))
+            value = path
+        if index == len(self.chunks):
+            self.chunks.append(value)
+        else:
+            self.chunks[index] = value
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def _clock(device: torch.device) -> float:
@@ -79,12 +115,23 @@ def quantize_model(
     if quant.method == "none":
         return report
     timing: dict[str, float] = defaultdict(float)
-    device = dllm.device
-    cache_device = device if spec.cache_device == "model" else torch.device(spec.cache_device)
+    home = dllm.device
+    device = torch.device(spec.exec_device) if spec.exec_device else home
+    offload = device != home
+    if offload:
+        for module in dllm.shared_modules():
+            module.to(device)
+    cache = HiddenCache(
+        "disk" if spec.cache_device == "disk" else "memory",
+        device if spec.cache_device == "model" else torch.device("cpu"),
+        spec.cache_dir,
+    )
 
     start = _clock(device)
-    chunks = [dllm.embed(s.to(device)).to(cache_device) for s in states.split(spec.batch_size)]
+    for i, s in enumerate(states.split(spec.batch_size)):
+        cache[i] = dllm.embed(s.to(home)).to(cache.device)
     timing["embed"] += _clock(device) - start
+    chunks = cache
 
     ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
     if ckpt is not None:
@@ -102,6 +149,8 @@ def quantize_model(
     bar = tqdm(range(len(blocks)), desc="quantize blocks", disable=not spec.progress)
     for b in bar:
         block = blocks[b]
+        if offload:
+            block.to(device)
         run_block = lambda h, blk=block: dllm.block_forward(blk, h)  # noqa: E731
         done = ckpt is not None and (ckpt / f"block_{b:04d}.json").exists()
         if done:
@@ -132,8 +181,13 @@ def quantize_model(
             report.layers.extend(rows)
         t0 = _clock(device)
         for i, chunk in enumerate(chunks):
-            chunks[i] = run_block(chunk.to(device)).to(cache_device)
+            chunks[i] = run_block(chunk.to(device)).to(cache.device)
         timing["propagate"] += _clock(device) - t0
+        if offload:
+            block.to(home)
+    if offload:
+        for module in dllm.shared_modules():
+            module.to(home)
     report.timing = dict(timing)
     return report
 
