@@ -128,8 +128,8 @@ def quantize_model(
     )
 
     start = _clock(device)
-    for i, s in enumerate(states.split(spec.batch_size)):
-        cache[i] = dllm.embed(s.to(home)).to(cache.device)
+    for i, batch in enumerate(states.split(spec.batch_size)):
+        cache[i] = dllm.embed(batch.to(home)).to(cache.device)
     timing["embed"] += _clock(device) - start
     chunks = cache
 
