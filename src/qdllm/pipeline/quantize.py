@@ -28,7 +28,7 @@ from qdllm.models.base import DiffusionLM
 from qdllm.pipeline.stats import second_moments
 from qdllm.quant import QuantSpec, quantize_weight
 from qdllm.quant.abmp import allocate_orders, group_scores
-from qdllm.quant.groups import group_slices
+from qdllm.quant.groups import group_sizes
 from qdllm.quant.hessian import factorize
 from qdllm.quant.importance import importance
 
@@ -131,7 +131,6 @@ def quantize_model(
     for i, batch in enumerate(states.split(spec.batch_size)):
         cache[i] = dllm.embed(batch.to(home)).to(cache.device)
     timing["embed"] += _clock(device) - start
-    chunks = cache
 
     ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
     if ckpt is not None:
@@ -159,7 +158,7 @@ def quantize_model(
             report.blocks_resumed += 1
         else:
             orders = (
-                _block_orders(dllm, block, chunks, quant, device, run_block)
+                _block_orders(dllm, block, cache, quant, device, run_block)
                 if quant.abmp_scope == "block"
                 else {}
             )
@@ -168,7 +167,7 @@ def quantize_model(
                 bar.set_postfix_str(stage.name)
                 modules = [block.get_submodule(n) for n in stage.linears]
                 t0 = _clock(device)
-                (s,) = second_moments(run_block, modules[:1], chunks, device, allow_tf32=spec.allow_tf32)
+                (s,) = second_moments(run_block, modules[:1], cache, device, allow_tf32=spec.allow_tf32)
                 timing[f"stats/{stage.name}"] += _clock(device) - t0
                 for name, module in zip(stage.linears, modules, strict=True):
                     t0 = _clock(device)
@@ -180,8 +179,8 @@ def quantize_model(
                 _save_block(block, dllm, ckpt, b, rows)
             report.layers.extend(rows)
         t0 = _clock(device)
-        for i, chunk in enumerate(chunks):
-            chunks[i] = run_block(chunk.to(device)).to(cache.device)
+        for i, chunk in enumerate(cache):
+            cache[i] = run_block(chunk.to(device)).to(cache.device)
         timing["propagate"] += _clock(device) - t0
         if offload:
             block.to(home)
@@ -204,7 +203,7 @@ def _block_orders(dllm, block, chunks, quant: QuantSpec, device, run_block) -> d
             gsize = quant.effective_group_size(w.shape[1])
             names.append(name)
             scores.append(group_scores(importance(w, factors, quant.z_mode), gsize, reduce="mean"))
-            sizes.append([w.shape[0] * (sl.stop - sl.start) for sl in group_slices(w.shape[1], gsize)])
+            sizes.append(group_sizes(w.shape[0], w.shape[1], gsize))
     return dict(zip(names, allocate_orders(scores, sizes, quant.abmp_ratio, quant.order), strict=True))
 
 

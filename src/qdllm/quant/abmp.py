@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qdllm.quant.groups import group_slices
+from qdllm.quant.groups import group_sizes, group_slices
 
 
 def group_scores(z: torch.Tensor, group_size: int, reduce: str = "sum") -> torch.Tensor:
@@ -24,11 +24,7 @@ def group_scores(z: torch.Tensor, group_size: int, reduce: str = "sum") -> torch
     sums = torch.stack([z[:, sl].sum() for sl in group_slices(z.shape[1], group_size)])
     if reduce == "sum":
         return sums
-    sizes = torch.tensor(
-        [z.shape[0] * (sl.stop - sl.start) for sl in group_slices(z.shape[1], group_size)],
-        dtype=sums.dtype,
-        device=sums.device,
-    )
+    sizes = torch.tensor(group_sizes(*z.shape, group_size), dtype=sums.dtype, device=sums.device)
     return sums / sizes
 
 

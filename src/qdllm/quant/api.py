@@ -13,7 +13,7 @@ from qdllm.quant.abmp import allocate_orders, group_scores
 from qdllm.quant.compensation import quantize_sequential
 from qdllm.quant.daq import BinaryCode, daq_quantize
 from qdllm.quant.gptq import gptq_quantize
-from qdllm.quant.groups import group_slices
+from qdllm.quant.groups import group_sizes, group_slices
 from qdllm.quant.hessian import HessianFactors, factorize, repair_dead_channels
 from qdllm.quant.importance import importance, loss_weights, outlier_mask
 from qdllm.quant.spec import QuantConfigError, QuantSpec
@@ -185,7 +185,7 @@ def daq_orders(
     """Importance Z (R, C) and the matrix-scope ABMP order map (G,) of one Linear."""
     z = importance(weight, factors, spec.z_mode)
     gsize = spec.effective_group_size(weight.shape[1])
-    sizes = [weight.shape[0] * (sl.stop - sl.start) for sl in group_slices(weight.shape[1], gsize)]
+    sizes = group_sizes(*weight.shape, gsize)
     (orders,) = allocate_orders([group_scores(z, gsize)], [sizes], spec.abmp_ratio, spec.order)
     return z, orders
 

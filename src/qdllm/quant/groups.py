@@ -10,3 +10,8 @@ def group_slices(in_features: int, group_size: int) -> list[slice]:
 
 def group_widths(in_features: int, group_size: int) -> list[int]:
     return [sl.stop - sl.start for sl in group_slices(in_features, group_size)]
+
+
+def group_sizes(rows: int, in_features: int, group_size: int) -> list[int]:
+    """Weight count (rows x width) of every column group."""
+    return [rows * width for width in group_widths(in_features, group_size)]
