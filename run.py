@@ -1,29 +1,28 @@
-"""qdllm command-line entry point (Hydra). `python run.py quant=gptq`, `-m` for sweeps."""
+"""qdllm's command line (Hydra).
 
-import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+python run.py                                        # the default job: tiny LLaDA, offline, CPU
+python run.py model=llada_base abmp.ratio=0.05,0.1 -m   # a sweep, one job per value
+python run.py experiment=table2b_abmp_tiny           # a paper-table sweep (tiny, offline)
+python run.py --cfg job                              # print the composed config
+"""
 
-from qdllm.quant import quantize_weight
+import os
+from pathlib import Path
 
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
-def synthetic_layer(rows: int, cols: int, tokens: int, seed: int, device: str):
-    """A heavy-tailed weight and the second moment of correlated inputs."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(rows, cols, generator=gen) * 0.02
-    mix = torch.eye(cols) + torch.randn(cols, cols, generator=gen) / cols**0.5
-    x = torch.randn(tokens, cols, generator=gen) @ mix
-    return weight.to(device, torch.bfloat16), (x.T @ x / tokens).to(device)
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from qdllm.app import run_job  # noqa: E402
+from qdllm.config import register_configs  # noqa: E402
+
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="run")
 def main(cfg: DictConfig) -> None:
-    quant = {**OmegaConf.to_container(cfg.quant, resolve=True)}
-    quant.update(abmp_ratio=cfg.abmp.ratio, abmp_scope=cfg.abmp.scope)
-    weight, second_moment = synthetic_layer(**cfg.synthetic)
-    result = quantize_weight(weight, second_moment, quant)
-    for key, value in result.summary().items():
-        print(f"{key:18s} {value}")
+    run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def test_windows_are_seeded_and_too_small_corpus_fails(c4_path):
     assert not torch.equal(a, other)
     with pytest.raises(CalibrationDataError, match="corpus too small"):
         calibration_windows(texts[:3], tok, DataSpec(path=c4_path, nsamples=6, seqlen=256))
-    with pytest.raises(CalibrationDataError, match="calib.data.path"):
+    with pytest.raises(CalibrationDataError, match="calib.path"):
         load_texts(DataSpec(path="/no/such/file.jsonl"))
 
 

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from qdllm.errors import require
+
+SCHEDULES = ("linear", "cosine")
+MODES = ("full", "stratified")
+
 
 @dataclass
 class MCSSpec:
@@ -24,6 +29,14 @@ class MCSSpec:
     mode: str = "full"  # full: every sequence x every tau | stratified: one tau per sequence
     seed: int = 42
 
+    def validated(self) -> MCSSpec:
+        """Check every field; errors name the Hydra key (`calib.<field>`)."""
+        require(0.0 <= self.gamma < 1.0, "calib.gamma", self.gamma, "prefix ratio must lie in [0, 1)")
+        require(self.timesteps >= 1, "calib.timesteps", self.timesteps, "T must be >= 1")
+        require(self.schedule in SCHEDULES, "calib.schedule", self.schedule, f"use one of {SCHEDULES}")
+        require(self.mode in MODES, "calib.mode", self.mode, f"use one of {MODES}")
+        return self
+
 
 def timestep_grid(spec: MCSSpec) -> list[float]:
     """tau_t = t / T for t = 1..T (the `right` grid of spec §3.2), optionally with tau = 0 first."""
@@ -34,9 +47,8 @@ def timestep_grid(spec: MCSSpec) -> list[float]:
 def visibility(tau: float, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - tau
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * tau))
-    raise ValueError(f"calib.schedule={schedule!r}: use linear or cosine")
+    require(schedule == "cosine", "calib.schedule", schedule, f"use one of {SCHEDULES}")
+    return 0.5 * (1.0 + math.cos(math.pi * tau))
 
 
 def mcs_states(tokens: torch.Tensor, mask_token_id: int, spec: MCSSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +60,15 @@ def mcs_states(tokens: torch.Tensor, mask_token_id: int, spec: MCSSpec) -> tuple
         states (M, L) int64 and their tau (M,) fp32. M = n x |grid| (full), n (stratified), or n
         with tau = 0 when MCS is disabled.
     """
+    spec.validated()
     n, length = tokens.shape
     if not spec.enabled:
         return tokens.clone(), torch.zeros(n)
     grid = timestep_grid(spec)
     if spec.mode == "full":
         pairs = [(i, tau) for i in range(n) for tau in grid]
-    elif spec.mode == "stratified":
-        pairs = [(i, grid[i % len(grid)]) for i in range(n)]
     else:
-        raise ValueError(f"calib.mode={spec.mode!r}: use full or stratified")
+        pairs = [(i, grid[i % len(grid)]) for i in range(n)]
     prefix = math.floor(spec.gamma * length)
     gen = torch.Generator().manual_seed(spec.seed)
     states = torch.empty(len(pairs), length, dtype=torch.int64)

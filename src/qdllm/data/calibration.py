@@ -15,8 +15,13 @@ from pathlib import Path
 
 import torch
 
+from qdllm.errors import ConfigError, require
 
-class CalibrationDataError(ValueError):
+SOURCES = ("local", "hf")
+DOC_ORDERS = ("file", "random")
+
+
+class CalibrationDataError(ConfigError):
     """The calibration source is missing, unreadable or too small."""
 
 
@@ -34,13 +39,22 @@ class DataSpec:
     seed: int = 42
     doc_order: str = "file"  # file | random
 
+    def validated(self) -> DataSpec:
+        """Check every field; errors name the Hydra key (`calib.<field>`)."""
+        require(self.source in SOURCES, "calib.source", self.source, f"use one of {SOURCES}")
+        require(self.nsamples >= 1, "calib.nsamples", self.nsamples, "must be >= 1")
+        require(self.seqlen >= 2, "calib.seqlen", self.seqlen, "must be >= 2 tokens")
+        require(self.doc_order in DOC_ORDERS, "calib.doc_order", self.doc_order, f"use one of {DOC_ORDERS}")
+        return self
+
 
 def load_texts(spec: DataSpec) -> list[str]:
+    spec.validated()
     if spec.source == "local":
         path = Path(spec.path)
         if not path.is_file():
             raise CalibrationDataError(
-                f"calib.data.path={spec.path!r} does not exist; point it at a JSONL or text file "
+                f"calib.path={spec.path!r} does not exist; point it at a JSONL or text file "
                 "(the shared data root holds c4/c4_excerpt.jsonl)"
             )
         if path.suffix == ".jsonl" or path.suffix == ".json":
@@ -51,28 +65,26 @@ def load_texts(spec: DataSpec) -> list[str]:
                         row = json.loads(line)
                         if spec.field not in row:
                             raise CalibrationDataError(
-                                f"{path}:{line_no} has no field {spec.field!r} (calib.data.field)"
+                                f"{path}:{line_no} has no field {spec.field!r} (calib.field)"
                             )
                         texts.append(row[spec.field])
             return texts
         return [t for t in path.read_text().split("\n\n\n") if t.strip()]
-    if spec.source == "hf":
-        try:
-            import datasets
+    try:
+        import datasets
 
-            ds = datasets.load_dataset(
-                spec.hf_dataset,
-                spec.hf_config,
-                split=spec.hf_split,
-                data_files={spec.hf_split: spec.hf_data_files} if spec.hf_data_files else None,
-            )
-        except Exception as exc:
-            raise CalibrationDataError(
-                f"calib.data.source=hf: could not load {spec.hf_dataset!r} ({type(exc).__name__}: {exc}); "
-                "without hub access use calib.data.source=local"
-            ) from exc
-        return list(ds[spec.field])
-    raise CalibrationDataError(f"calib.data.source={spec.source!r}: use local or hf")
+        ds = datasets.load_dataset(
+            spec.hf_dataset,
+            spec.hf_config,
+            split=spec.hf_split,
+            data_files={spec.hf_split: spec.hf_data_files} if spec.hf_data_files else None,
+        )
+    except Exception as exc:
+        raise CalibrationDataError(
+            f"calib.source=hf: could not load {spec.hf_dataset!r} ({type(exc).__name__}: {exc}); "
+            "without hub access use calib.source=local"
+        ) from exc
+    return list(ds[spec.field])
 
 
 def calibration_windows(texts: list[str], tokenizer, spec: DataSpec) -> torch.Tensor:

@@ -36,6 +36,22 @@ class TinySpec:
 
 
 @dataclass
+class RecipeSpec:
+    """Per-model defaults of the other config groups (`calib.nsamples: ${model.recipe.calib_nsamples}`).
+
+    Paper settings for the 7-8B models: 128 x 4096 C4 tokens from the hub, groups of 128 columns,
+    ABMP 5 % (LLaDA) or 10 % (Dream, paper Table 2b). Tiny models use a laptop-sized set from the
+    local C4 excerpt and groups of 8 columns, so that each Linear has enough groups for ABMP to move.
+    """
+
+    calib_nsamples: int = 128
+    calib_seqlen: int = 4096
+    calib_source: str = "hf"
+    abmp_ratio: float = 0.05
+    group_size: int = 128
+
+
+@dataclass
 class ModelSpec:
     name: str = "tiny_llada"
     family: str = "llada"
@@ -46,6 +62,7 @@ class ModelSpec:
     mask_token_id: int | None = None  # default: tokenizer / family constant
     seed: int = 0
     tiny: TinySpec = field(default_factory=TinySpec)
+    recipe: RecipeSpec = field(default_factory=RecipeSpec)
 
     @classmethod
     def from_any(cls, cfg: Any) -> ModelSpec:
@@ -57,7 +74,8 @@ class ModelSpec:
             cfg = OmegaConf.to_container(cfg, resolve=True)
         raw = dict(cfg)
         tiny = TinySpec(**raw.pop("tiny", {}) or {})
-        spec = cls(**raw, tiny=tiny)
+        recipe = RecipeSpec(**raw.pop("recipe", {}) or {})
+        spec = cls(**raw, tiny=tiny, recipe=recipe)
         if spec.family not in FAMILIES:
             raise ModelLoadError(f"model.family={spec.family!r}: unknown model family; use one of {FAMILIES}")
         if spec.dtype not in DTYPES:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
 from qdllm.pipeline.stats import second_moments
 from qdllm.quant import QuantSpec, quantize_weight
@@ -31,6 +32,8 @@ from qdllm.quant.abmp import allocate_orders, group_scores
 from qdllm.quant.groups import group_sizes
 from qdllm.quant.hessian import factorize
 from qdllm.quant.importance import importance
+
+CACHE_DEVICES = ("model", "cpu", "disk")
 
 
 @dataclass
@@ -42,6 +45,17 @@ class PipelineSpec:
     checkpoint_dir: str | None = None  # per-block checkpoints; resume when it holds finished blocks
     progress: bool = True
     allow_tf32: bool = False  # TF32 matmuls (fp32 accumulation) for S on CUDA; spec §4 step 2
+
+    def validated(self) -> PipelineSpec:
+        """Check every field; errors name the Hydra key (`pipeline.<field>`)."""
+        require(self.batch_size >= 1, "pipeline.batch_size", self.batch_size, "must be >= 1")
+        require(
+            self.cache_device in CACHE_DEVICES,
+            "pipeline.cache_device",
+            self.cache_device,
+            f"use one of {CACHE_DEVICES}",
+        )
+        return self
 
 
 @dataclass
@@ -109,7 +123,7 @@ def quantize_model(
     dllm: DiffusionLM, states: torch.Tensor, quant_cfg: Any, spec: PipelineSpec | None = None
 ) -> PipelineReport:
     """Fake-quantize `dllm` in place on calibration `states` (M, L) int64; returns metrics."""
-    spec = spec or PipelineSpec()
+    spec = (spec or PipelineSpec()).validated()
     quant = QuantSpec.from_any(quant_cfg)
     report = PipelineReport()
     if quant.method == "none":

@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
+from qdllm.errors import ConfigError
+
 METHODS = ("none", "rtn", "gptq", "daq")
+PLANNED_METHODS = ("gptaq", "slim")  # config slots (conf/quant/); the baselines are not implemented yet
 Z_MODES = ("inv_diag_sq", "inv_diag", "chol_diag_sq", "magnitude")
 COMPENSATIONS = ("auto", "off", "diag", "exact")
 DOR_SCOPES = ("group", "matrix")
@@ -22,7 +25,7 @@ ABMP_SCOPES = ("matrix", "block")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class QuantConfigError(ValueError):
+class QuantConfigError(ConfigError):
     """A quantization setting is invalid; the message names the field and the fix."""
 
 
@@ -98,6 +101,11 @@ class QuantSpec:
             if not ok:
                 raise QuantConfigError(f"quant.{field}={getattr(self, field)!r}: {msg}")
 
+        need(
+            self.method not in PLANNED_METHODS,
+            "method",
+            f"this baseline has a config slot but is not implemented yet; use one of {METHODS}",
+        )
         need(self.method in METHODS, "method", f"must be one of {METHODS}")
         need(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits", "must be an int in [1, 8]")
         need(

@@ -1,0 +1,75 @@
+"""Turn a composed Hydra config into validated specs, before any work.
+
+Type errors and unknown keys are caught by Hydra at compose time (the schema); this module checks
+value ranges and cross-field rules, raising `ConfigError` with the offending key
+(`abmp.ratio=0.7: ...`, `quant.order=0: ...`, `calib.gamma=1.5: ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from qdllm.calib.mcs import MCSSpec
+from qdllm.config.schema import ABMP_FIELDS, EvalConf, LoggerConf, RunConf
+from qdllm.data.calibration import DataSpec
+from qdllm.errors import ConfigError, require
+from qdllm.eval.runner import check_tasks
+from qdllm.models.registry import ModelSpec
+from qdllm.pipeline.quantize import PipelineSpec
+from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
+
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class JobSpecs:
+    """Everything one job needs, validated."""
+
+    run: RunConf
+    model: ModelSpec
+    data: DataSpec
+    mcs: MCSSpec
+    quant: QuantSpec
+    pipeline: PipelineSpec
+    eval: EvalConf
+    logger: LoggerConf
+
+
+def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
+    """Validate every node of the run config; raise `ConfigError` naming the first bad field."""
+    run = cfg if isinstance(cfg, RunConf) else _to_run_conf(cfg)
+    abmp = run.abmp
+    require(0.0 <= abmp.ratio <= 0.5, "abmp.ratio", abmp.ratio, "must lie in [0, 0.5] (0 turns ABMP off)")
+    require(abmp.scope in ABMP_SCOPES, "abmp.scope", abmp.scope, f"use one of {ABMP_SCOPES}")
+    quant_fields = dataclasses.asdict(run.quant)
+    quant_fields.update({key: getattr(abmp, name) for key, name in ABMP_FIELDS.items()})
+    quant = QuantSpec.from_any(quant_fields)
+    model = ModelSpec.from_any(dataclasses.asdict(run.model))
+    logger = run.logger
+    require(logger.name in LOGGERS, "logger.name", logger.name, f"use one of {LOGGERS}")
+    require(logger.mode in WANDB_MODES, "logger.mode", logger.mode, f"use one of {WANDB_MODES}")
+    check_tasks(run.eval)
+    return JobSpecs(
+        run=run,
+        model=model,
+        data=run.calib.data_spec(),
+        mcs=run.calib.mcs_spec(),
+        quant=quant,
+        pipeline=run.pipeline.validated(),
+        eval=run.eval,
+        logger=logger,
+    )
+
+
+def _to_run_conf(cfg: DictConfig) -> RunConf:
+    try:
+        run = OmegaConf.to_object(cfg)
+    except Exception as exc:  # a missing value or a failed interpolation names its key
+        raise ConfigError(f"config does not resolve: {exc}") from exc
+    if not isinstance(run, RunConf):
+        raise ConfigError("the config is not built on `run_schema`; list it first in the primary defaults")
+    return run

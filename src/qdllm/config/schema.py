@@ -1,0 +1,156 @@
+"""Structured-config schemas of the Hydra app, registered in Hydra's ConfigStore.
+
+The primary config (`conf/run.yaml`) lists `run_schema` first in its defaults, so every YAML
+option and command-line override is type-checked at compose time (`abmp.ratio=abc` and mistyped
+keys fail there). Value ranges are checked by `qdllm.config.resolve_job`, before any work.
+
+The schemas reuse the framework-free specs: `model` is `ModelSpec`, `pipeline` is `PipelineSpec`,
+`quant` mirrors `QuantSpec` (without its ABMP fields, which live in the `abmp` node) and `calib`
+flattens `DataSpec` + `MCSSpec` with their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from qdllm.calib.mcs import MCSSpec
+from qdllm.data.calibration import DataSpec
+from qdllm.models.registry import ModelSpec
+from qdllm.pipeline.quantize import PipelineSpec
+from qdllm.quant.spec import QuantSpec
+
+ABMP_FIELDS = {"abmp_ratio": "ratio", "abmp_scope": "scope"}
+
+
+def _mirror(name: str, spec: type, drop: set[str]) -> type:
+    """A mutable dataclass with `spec`'s fields, types and defaults, minus `drop` (frozen specs
+    cannot be ConfigStore nodes that Hydra merges into)."""
+    hints = typing.get_type_hints(spec)
+    fields = [
+        (f.name, hints[f.name], field(default=f.default))
+        for f in dataclasses.fields(spec)
+        if f.name not in drop
+    ]
+    return dataclasses.make_dataclass(name, fields)
+
+
+QuantConf = _mirror("QuantConf", QuantSpec, set(ABMP_FIELDS))
+QuantConf.__doc__ = "The `quant` node: `QuantSpec` without the ABMP fields (see `ABMPConf`)."
+
+
+@dataclass
+class ABMPConf:
+    """The `abmp` node (paper Alg. 3): share of weights moved to order K+1 (and as many to K-1)."""
+
+    ratio: float = 0.05  # 0 turns ABMP off
+    scope: str = "matrix"  # matrix | block
+
+
+@dataclass
+class CalibConf:
+    """The `calib` node: calibration text (`DataSpec`) and Masked Calibration Simulation (`MCSSpec`)."""
+
+    name: str = "mcs"
+    mcs: bool = MCSSpec.enabled  # false: standard fully visible calibration (Table 2a)
+    gamma: float = MCSSpec.gamma
+    timesteps: int = MCSSpec.timesteps
+    schedule: str = MCSSpec.schedule
+    include_full_visible: bool = MCSSpec.include_full_visible
+    mode: str = MCSSpec.mode
+    seed: int = MCSSpec.seed  # windows and masks
+    nsamples: int = DataSpec.nsamples
+    seqlen: int = DataSpec.seqlen
+    source: str = DataSpec.source
+    path: str = DataSpec.path
+    field: str = DataSpec.field
+    hf_dataset: str = DataSpec.hf_dataset
+    hf_config: str | None = DataSpec.hf_config
+    hf_split: str = DataSpec.hf_split
+    hf_data_files: str | None = DataSpec.hf_data_files
+    doc_order: str = DataSpec.doc_order
+
+    def data_spec(self) -> DataSpec:
+        names = {f.name for f in dataclasses.fields(DataSpec)}
+        return DataSpec(**{k: getattr(self, k) for k in names}).validated()
+
+    def mcs_spec(self) -> MCSSpec:
+        names = {f.name for f in dataclasses.fields(MCSSpec)} - {"enabled"}
+        return MCSSpec(enabled=self.mcs, **{k: getattr(self, k) for k in names}).validated()
+
+
+@dataclass
+class PplConf:
+    """ELBO perplexity on held-out text (`qdllm.eval.ppl`)."""
+
+    path: str = "${paths.data_root}/wikitext2/test.json"  # JSONL, one document or line per row
+    field: str = "text"
+    seqlen: int = 512  # tokens per window
+    max_windows: int | None = None  # None: every window of the joined text
+    mc_num: int = 8  # Monte Carlo masks per window
+
+
+@dataclass
+class EvalConf:
+    """The `eval` node. `tasks` names what to evaluate; `ppl` is built in, lm-eval tasks arrive
+    with the evaluation issue."""
+
+    name: str = "none"
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None  # documents per task (None: all)
+    mc_num: int = 128
+    batch_size: int = 8
+    seed: int = 1234
+    ppl: PplConf = field(default_factory=PplConf)
+
+
+@dataclass
+class LoggerConf:
+    """The `logger` node: `wandb` (offline unless WANDB_MODE says otherwise) or `none`."""
+
+    name: str = "none"  # none | wandb
+    project: str = "qdllm"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    job_type: str = "quant_eval"
+    group: str | None = None  # None: the task name (+ the sweep directory's name in a multirun)
+    log_layers: bool = True  # the per-Linear table as a wandb.Table
+
+
+@dataclass
+class PathsConf:
+    root_dir: str = MISSING
+    data_root: str = MISSING  # the shared offline data (../shared/data)
+    log_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class RunConf:
+    """The whole run: one job quantizes `model` with `quant` + `abmp` on `calib`, evaluates `eval`."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    calib: CalibConf = field(default_factory=CalibConf)
+    quant: QuantConf = field(default_factory=QuantConf)
+    abmp: ABMPConf = field(default_factory=ABMPConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    paths: PathsConf = field(default_factory=PathsConf)
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)
+    task_name: str = "quantize"  # experiments set their table's name: output folder and W&B group
+    tags: list[str] = field(default_factory=list)
+    seed: int = 0  # torch / numpy / random at job start
+    save_model: bool = False  # write the fake-quantized checkpoint to <output_dir>/model
+    skip_finished: bool = True  # a job whose output dir holds an ok results.json is not rerun
+    keep_checkpoints: bool = False  # keep pipeline.checkpoint_dir after the job succeeded
+    print_config: bool = True
+
+
+def register_configs() -> None:
+    """Store the schema as `run_schema` (idempotent: Hydra's ConfigStore replaces same-name nodes)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConf)
