@@ -72,13 +72,19 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         record["config"] = _resolved(cfg)
-        finished = _finished_record(output_dir, record["config"]) if cfg.skip_finished else None
     except ConfigError as exc:
         record["status"], record["error"] = "failed", str(exc)
         _write_record(record, layers, timing, start, output_dir, tracker)
         if not hydra["multirun"]:
             raise
         return record
+    try:
+        finished = _finished_record(output_dir, record["config"]) if cfg.skip_finished else None
+    except ConfigError as exc:  # the dir holds another finished run: leave its record untouched
+        log.error("job refused: %s", exc)
+        if not hydra["multirun"]:
+            raise
+        return {**record, "status": "failed", "error": str(exc)}
     if finished is not None:
         print(f"[qdllm] {output_dir} already holds a finished run of this config; skipping it")
         return finished

@@ -8,6 +8,7 @@ value ranges and cross-field rules, raising `ConfigError` with the offending key
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -72,4 +73,19 @@ def _to_run_conf(cfg: DictConfig) -> RunConf:
         raise ConfigError(f"config does not resolve: {exc}") from exc
     if not isinstance(run, RunConf):
         raise ConfigError("the config is not built on `run_schema`; list it first in the primary defaults")
+    _reject_unknown_keys(cfg, RunConf, "")
     return run
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Keys appended with `+` pass Hydra's composition but are not in the schema: refuse them."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in fields:
+            raise ConfigError(
+                f"{prefix}{key}: unknown key; valid keys of {prefix or 'the run'} are {sorted(fields)}"
+            )
+        child = hints[key]
+        if dataclasses.is_dataclass(child):
+            _reject_unknown_keys(node[key], child, f"{prefix}{key}.")
