@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test lint bench run clean
+.PHONY: setup test lint bench run sweep-table2-tiny sweep-tiny clean
 
 setup: $(VENV)/.installed
 
@@ -28,5 +28,15 @@ bench: setup
 run: setup
 	$(PY) run.py
 
+# Table 2 (a MCS, b ABMP, c DAQ components, d calibration size) on the tiny models, offline on CPU;
+# results under logs/table2*_tiny/, render them with analysis/notebooks/tables.ipynb
+TABLE2_TINY := table2a_mcs_tiny table2b_abmp_tiny table2c_daq_tiny table2d_calib_tiny
+sweep-table2-tiny: setup
+	for e in $(TABLE2_TINY); do $(PY) run.py experiment=$$e || exit 1; done
+
+# every paper table on the tiny models (Table 1's GPTAQ / SliM-LLM jobs are recorded as failed until implemented)
+sweep-tiny: sweep-table2-tiny
+	for e in table1_tiny table3_size_tiny; do $(PY) run.py experiment=$$e || exit 1; done
+
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun logs .pytest_cache
