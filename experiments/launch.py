@@ -45,7 +45,10 @@ def expand_grid(experiment: str, extra: list[str]) -> tuple[list[list[str]], str
 
 
 def job_dir_name(num: int, overrides: list[str]) -> str:
-    return f"{num}_" + ",".join(sorted(overrides))
+    """`<num>_<overrides>` as Hydra's sweep names job folders (conf/hydra/default.yaml)."""
+    from qdllm.config.schema import job_dirname
+
+    return f"{num}_{job_dirname(','.join(sorted(overrides)))}"
 
 
 def main() -> int:

@@ -153,3 +153,13 @@ def test_launcher_expands_the_experiment_grid(monkeypatch, experiment, n_jobs, t
     jobs, name = _launcher().expand_grid(experiment, [])
     assert len(jobs) == n_jobs and name == task
     assert len({tuple(sorted(j)) for j in jobs}) == n_jobs  # every job distinct
+
+
+def test_job_dirname_flattens_slashes_and_bounds_the_length():
+    from qdllm.config.schema import MAX_DIRNAME, job_dirname
+
+    assert job_dirname("abmp.ratio=0.05,model=tiny_llada") == "abmp.ratio=0.05,model=tiny_llada"
+    assert job_dirname("calib.path=/data/c4.jsonl") == "calib.path=_data_c4.jsonl"
+    long_a, long_b = "x=" + "a" * 300, "x=" + "a" * 299 + "b"
+    assert len(job_dirname(long_a)) == MAX_DIRNAME and job_dirname(long_a) != job_dirname(long_b)
+    assert job_dirname(long_a).startswith("x=aaaa")

@@ -64,6 +64,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         "eval": {},
         "timing": {},
         "env": {},
+        "memory": _gpu_memory_start(),
         "artifacts": {},
     }
     timing: dict[str, float] = {}
@@ -152,6 +153,8 @@ def _write_record(record, layers, timing, start, output_dir: Path, tracker) -> N
     if record["status"] == "running":  # interrupted before the job could record a verdict
         record["status"], record["error"] = "failed", "interrupted"
     record["timing"] = {**timing, "total": time.perf_counter() - start}
+    if torch.cuda.is_available():
+        record["memory"]["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     record["run"]["end"] = _now()
     frame = pd.DataFrame(layers)
     if layers:
@@ -221,6 +224,14 @@ def _timed(timing: dict[str, float], key: str):
         yield
     finally:
         timing[key] = timing.get(key, 0.0) + time.perf_counter() - t0
+
+
+def _gpu_memory_start() -> dict[str, float]:
+    """GPU memory held when the job starts (a multirun's earlier jobs must have released theirs)."""
+    if not torch.cuda.is_available():
+        return {}
+    torch.cuda.reset_peak_memory_stats()
+    return {"gpu_allocated_at_start_gb": torch.cuda.memory_allocated() / 2**30}
 
 
 def _free_memory() -> None:

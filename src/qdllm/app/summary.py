@@ -32,5 +32,11 @@ def format_summary(record: dict[str, Any], top_stages: int = 6) -> str:
             f"  time       {timing.get('total', 0.0):.1f} s total; "
             + ", ".join(f"{k} {v:.1f} s" for k, v in stages[:top_stages])
         )
+    memory = record.get("memory") or {}
+    if "gpu_peak_gb" in memory:
+        lines.append(
+            f"  gpu memory {memory['gpu_peak_gb']:.1f} GiB peak "
+            f"({memory.get('gpu_allocated_at_start_gb', 0.0):.2f} GiB held at start)"
+        )
     lines.append("=" * 72)
     return "\n".join(lines)

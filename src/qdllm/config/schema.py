@@ -12,6 +12,7 @@ flattens `DataSpec` + `MCSSpec` with their defaults.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import typing
 from dataclasses import dataclass, field
 
@@ -149,8 +150,24 @@ class RunConf:
     print_config: bool = True
 
 
+MAX_DIRNAME = 120  # characters of a job folder name; file systems stop at 255 bytes
+
+
+def job_dirname(overrides: str) -> str:
+    """A job folder name from Hydra's `override_dirname`: `/` would nest folders and long grids
+    overflow the 255-byte limit, so slashes become `_` and long names are cut and suffixed with a
+    hash of the whole string (still unique, still readable)."""
+    name = overrides.replace("/", "_")
+    if len(name) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: MAX_DIRNAME - 11]}-{digest}"
+
+
 def register_configs() -> None:
-    """Store the schema as `run_schema` (idempotent: Hydra's ConfigStore replaces same-name nodes)."""
+    """Store the schema as `run_schema` and the `qdllm_dirname` resolver (both idempotent)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="run_schema", node=RunConf)
+    OmegaConf.register_new_resolver("qdllm_dirname", job_dirname, replace=True)

@@ -105,8 +105,16 @@ def _tiny(spec: ModelSpec) -> DiffusionLM:
     tokenizer = byte_level_tokenizer()
     vocab = len(tokenizer)
     mask_id = spec.mask_token_id if spec.mask_token_id is not None else tokenizer.mask_token_id
-    t = spec.tiny
     torch.manual_seed(spec.seed)
+    # built on the target device: a tiny model with 8B shapes initialises in seconds on a GPU
+    # (the random weights depend on the device's generator, so a seed is reproducible per device)
+    with torch.device(spec.device):
+        model = _tiny_module(spec, vocab, mask_id)
+    return _wrap(spec.family, model, tokenizer, mask_id, spec.name)
+
+
+def _tiny_module(spec: ModelSpec, vocab: int, mask_id: int) -> torch.nn.Module:
+    t = spec.tiny
     if spec.family == "llada":
         cfg = LLaDAConfig(
             d_model=t.hidden,
@@ -137,7 +145,7 @@ def _tiny(spec: ModelSpec) -> DiffusionLM:
             model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
         else:
             model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    return _wrap(spec.family, model, tokenizer, mask_id, spec.name)
+    return model
 
 
 def _init_like_hf(model: torch.nn.Module, std: float = 0.02) -> None:
