@@ -10,7 +10,8 @@ import pandas as pd
 
 from analysis.runs import METHOD_LABELS
 
-PRIMARY_METRICS = ("acc", "exact_match", "pass@1", "ppl")  # first one a task reports wins
+# first one a task reports wins; generation tasks: lm-eval's flexible-extract filter
+PRIMARY_METRICS = ("acc", "exact_match/flexible-extract", "exact_match", "pass@1", "pass_at_1", "ppl")
 MODEL_ORDER = ("llada_base", "llada_instruct", "llada_1_5", "dream_base", "dream_instruct")
 PARTS = {
     "a": ("config.calib.mcs", "MCS"),

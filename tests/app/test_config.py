@@ -13,10 +13,8 @@ GROUPS = ("model", "calib", "quant", "abmp", "eval", "logger", "debug", "experim
 REFUSED = {
     ("quant", "gptaq"): "quant.method",
     ("quant", "slim"): "quant.method",
-    ("eval", "smoke"): "eval.tasks",
     ("eval", "general7"): "eval.tasks",
     ("eval", "mmlu"): "eval.tasks",
-    ("eval", "math"): "eval.tasks",
     ("eval", "code"): "eval.tasks",
     ("experiment", "table1"): "eval.tasks",
     ("experiment", "table2a_mcs"): "eval.tasks",

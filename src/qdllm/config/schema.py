@@ -95,16 +95,43 @@ class PplConf:
 
 
 @dataclass
+class GenConf:
+    """Diffusion sampling for generation tasks (`qdllm.eval.sampler.GenSpec`)."""
+
+    gen_length: int = 256
+    steps: int = 256
+    block_length: int = 32
+    temperature: float = 0.0
+    cfg: float = 0.0
+    remasking: str = "low_confidence"
+    alg: str = "entropy"
+    eps: float = 1e-3
+
+
+@dataclass
 class EvalConf:
-    """The `eval` node. `tasks` names what to evaluate; `ppl` is built in, lm-eval tasks arrive
-    with the evaluation issue."""
+    """The `eval` node: built-in `ppl` and lm-eval tasks (evaluation.md §10).
+
+    lm-eval tasks run on local copies of their data (`data: local`, `qdllm.eval.tasks`) or on the
+    hub datasets (`data: hub`). `num_fewshot` maps task -> shots (absent: the task's default).
+    """
 
     name: str = "none"
     tasks: list[str] = field(default_factory=list)
+    num_fewshot: dict[str, int] = field(default_factory=dict)
     limit: int | None = None  # documents per task (None: all)
+    data: str = "local"  # local | hub
+    estimator: str = "auto"  # auto (family) | llada | dream
     mc_num: int = 128
-    batch_size: int = 8
+    mc_batch: int = 32
+    cfg: float = 0.0
+    max_length: int = 4096
     seed: int = 1234
+    batch_size: int = 8  # built-in ppl: MC samples per forward
+    confirm_run_unsafe_code: bool = False  # HumanEval / MBPP execute generated code: explicit opt-in
+    tasks_dir: str = "${paths.output_dir}/lm_eval_tasks"  # where local task YAMLs are written
+    data_root: str = "${paths.data_root}"  # local task files (shared/data, `make data` output)
+    gen: GenConf = field(default_factory=GenConf)
     ppl: PplConf = field(default_factory=PplConf)
 
 

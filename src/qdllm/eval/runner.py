@@ -1,12 +1,24 @@
-"""Run the tasks of the `eval` node on a model; return {task: {metric: value}}."""
+"""Run the tasks of the `eval` node on a model; return {task: {metric: value}}.
+
+`ppl` is built in (`qdllm.eval.ppl`); every other name is an lm-eval task or group, run through
+`DiffusionEvalLM` on local data (`eval.data=local`, `qdllm.eval.tasks`) or hub datasets.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from qdllm.errors import ConfigError
+from qdllm.errors import ConfigError, require
+from qdllm.eval.likelihood import MCSpec
 from qdllm.eval.ppl import elbo_perplexity, ppl_windows
+from qdllm.eval.sampler import GenSpec
+from qdllm.eval.tasks import check_local, write_local_tasks
 from qdllm.models.base import DiffusionLM
+
+BUILTIN_TASKS = ("ppl",)
+CODE_TASKS = ("humaneval", "mbpp")
+DATA_MODES = ("local", "hub")
 
 
 def _wikitext_ppl(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
@@ -15,20 +27,98 @@ def _wikitext_ppl(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
     return elbo_perplexity(dllm, windows, ppl.mc_num, eval_cfg.seed, eval_cfg.batch_size)
 
 
-TASKS = {"ppl": _wikitext_ppl}
-BUILTIN_TASKS = tuple(TASKS)
+def _mc_spec(eval_cfg: Any, family: str) -> MCSpec:
+    estimator = (
+        eval_cfg.estimator if eval_cfg.estimator != "auto" else ("llada" if family == "llada" else "dream")
+    )
+    return MCSpec(estimator=estimator, mc_num=eval_cfg.mc_num, mc_batch=eval_cfg.mc_batch, cfg=eval_cfg.cfg)
+
+
+def _gen_spec(eval_cfg: Any) -> GenSpec:
+    g = eval_cfg.gen
+    return GenSpec(g.gen_length, g.steps, g.block_length, g.temperature, g.cfg, g.remasking, g.alg, g.eps)
 
 
 def check_tasks(eval_cfg: Any) -> None:
-    """Fail before any work when `eval.tasks` names a task this version cannot run."""
-    unknown = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
-    if unknown:
+    """Fail before any work when the `eval` node cannot run: unknown data mode, tasks without a
+    local copy, generated code without the opt-in, invalid MC or sampler settings."""
+    require(eval_cfg.data in DATA_MODES, "eval.data", eval_cfg.data, f"use one of {DATA_MODES}")
+    lm_tasks = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
+    code = [t for t in lm_tasks if t in CODE_TASKS]
+    if code and not eval_cfg.confirm_run_unsafe_code:
         raise ConfigError(
-            f"eval.tasks={list(eval_cfg.tasks)!r}: {unknown} need the lm-eval integration, which is not "
-            f"wired yet; this version runs {list(BUILTIN_TASKS)} (use eval=ppl or eval=none)"
+            f"eval.tasks={code} execute model-generated code; "
+            "set eval.confirm_run_unsafe_code=true to allow it"
         )
+    if lm_tasks and eval_cfg.data == "local":
+        check_local(lm_tasks)
+    _mc_spec(eval_cfg, "llada").validated()
+    require(
+        eval_cfg.estimator in ("auto", "llada", "dream"),
+        "eval.estimator",
+        eval_cfg.estimator,
+        "use auto, llada or dream",
+    )
+    if lm_tasks:
+        _gen_spec(eval_cfg).validated()
 
 
 def evaluate(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, dict[str, float]]:
     check_tasks(eval_cfg)
-    return {task: TASKS[task](dllm, eval_cfg) for task in eval_cfg.tasks}
+    metrics = {t: _wikitext_ppl(dllm, eval_cfg) for t in eval_cfg.tasks if t in BUILTIN_TASKS}
+    lm_tasks = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
+    if lm_tasks:
+        metrics.update(run_lm_eval(dllm, eval_cfg, lm_tasks))
+    return metrics
+
+
+def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """lm-eval `simple_evaluate`, one call per shot count; metrics as {task: {"acc": ..., ...}}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from qdllm.eval.lm import DiffusionEvalLM
+
+    if eval_cfg.data == "local":
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        task_dir = write_local_tasks(tasks, eval_cfg.data_root, eval_cfg.tasks_dir)
+        manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    else:
+        manager = TaskManager()
+    lm = DiffusionEvalLM(
+        dllm, _mc_spec(eval_cfg, dllm.family), _gen_spec(eval_cfg), eval_cfg.seed, eval_cfg.max_length
+    )
+    by_shots: dict[int | None, list[str]] = {}
+    for task in tasks:
+        by_shots.setdefault(eval_cfg.num_fewshot.get(task), []).append(task)
+    metrics: dict[str, dict[str, float]] = {}
+    for shots, group in by_shots.items():
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=group,
+            num_fewshot=shots,
+            limit=eval_cfg.limit,
+            task_manager=manager,
+            random_seed=eval_cfg.seed,
+            numpy_random_seed=eval_cfg.seed,
+            torch_random_seed=eval_cfg.seed,
+            fewshot_random_seed=eval_cfg.seed,
+            confirm_run_unsafe_code=eval_cfg.confirm_run_unsafe_code,
+        )
+        for task, values in out["results"].items():
+            metrics[task] = _metrics(values)
+    return metrics
+
+
+def _metrics(values: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's "acc,none" and "exact_match,flexible-extract" keys become "acc" and
+    "exact_match/flexible-extract"; `n` is the number of documents scored."""
+    out = {}
+    for key, value in values.items():
+        if "," not in key or not isinstance(value, (int, float)):
+            continue
+        metric, filt = key.split(",", 1)
+        out[metric if filt == "none" else f"{metric}/{filt}"] = float(value)
+    if "sample_len" in values:
+        out["n"] = float(values["sample_len"])
+    return out

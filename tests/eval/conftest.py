@@ -1,0 +1,3 @@
+"""Fixtures shared with the app tests."""
+
+from tests.app.conftest import composer  # noqa: F401

@@ -1,0 +1,94 @@
+"""lm-eval integration on local task files with tiny models (offline)."""
+
+import json
+import shutil
+
+import lm_eval
+import pytest
+from lm_eval.tasks import TaskManager
+
+from qdllm.errors import ConfigError
+from qdllm.eval.likelihood import MCSpec
+from qdllm.eval.lm import DiffusionEvalLM
+from qdllm.eval.sampler import GenSpec
+from qdllm.eval.tasks import write_local_tasks
+from qdllm.models import load_dllm
+from tests.app.conftest import DATA_ROOT, read_record, run_cli
+
+TASKS = ["arc_easy", "bbh_zeroshot_boolean_expressions"]
+
+
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory):
+    directory = write_local_tasks(TASKS, DATA_ROOT, tmp_path_factory.mktemp("tasks"))
+    return TaskManager(include_path=str(directory), include_defaults=False)
+
+
+def evaluate(family, task_manager, seed=0):
+    lm = DiffusionEvalLM(
+        load_dllm({"family": family, "source": "tiny", "seed": seed}),
+        MCSpec(estimator="llada" if family == "llada" else "dream", mc_num=2, mc_batch=2),
+        GenSpec(gen_length=8, steps=4, block_length=8),
+        seed=1,
+    )
+    out = lm_eval.simple_evaluate(model=lm, tasks=TASKS, limit=3, task_manager=task_manager, log_samples=True)
+    return out, lm
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_local_multiple_choice_and_generation_tasks_run_end_to_end(task_manager, family):
+    out, lm = evaluate(family, task_manager)
+    arc, bbh = out["results"]["arc_easy"], out["results"]["bbh_zeroshot_boolean_expressions"]
+    assert arc["sample_len"] == 3 and 0 <= arc["acc,none"] <= 1 and "acc_norm,none" in arc
+    assert bbh["sample_len"] == 3 and "exact_match,flexible-extract" in bbh
+    samples = out["samples"]["bbh_zeroshot_boolean_expressions"]  # one entry per document and filter
+    assert {s["doc_id"] for s in samples} == {0, 1, 2}
+    assert all(isinstance(s["resps"][0][0], str) for s in samples)
+    # each arc_easy document scores one request per choice, each bbh document one generation
+    n_choices = sum(
+        len(s["doc"]["choices"]["text"]) for s in out["samples"]["arc_easy"] if s["filter"] == "none"
+    )
+    assert lm.requests_done == n_choices + 3
+
+
+def test_scores_are_deterministic_under_the_seed(task_manager):
+    first, _ = evaluate("llada", task_manager)
+    second, _ = evaluate("llada", task_manager)
+    scores = lambda out: [s["resps"] for s in out["samples"]["arc_easy"]]  # noqa: E731
+    assert scores(first) == scores(second)
+
+
+def test_local_files_are_checked_against_the_official_row_counts(tmp_path):
+    write_local_tasks(["arc_easy", "piqa", "gsm8k"], DATA_ROOT, tmp_path / "ok")  # the real files pass
+    short = tmp_path / "data" / "tasks" / "arc" / "corrected"
+    short.mkdir(parents=True)
+    lines = (DATA_ROOT / "tasks/arc/corrected/arc_easy_test.jsonl").read_text().splitlines()[:100]
+    (short / "arc_easy_test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="100 rows, the official split has 2376"):
+        write_local_tasks(["arc_easy"], tmp_path / "data", tmp_path / "out")
+    with pytest.raises(ConfigError, match="eval.tasks"):
+        write_local_tasks(["mmlu"], DATA_ROOT, tmp_path / "out")
+    shutil.rmtree(tmp_path / "data")
+
+
+def test_piqa_labels_are_merged_in_order(tmp_path):
+    out = write_local_tasks(["piqa"], DATA_ROOT, tmp_path)
+    rows = [json.loads(line) for line in (out / "piqa_validation.jsonl").read_text().splitlines()]
+    labels = (DATA_ROOT / "tasks/piqa/valid-labels.lst").read_text().split()
+    assert [r["label"] for r in rows] == [int(x) for x in labels] and len(rows) == 1838
+
+
+@pytest.mark.slow
+def test_run_py_eval_smoke_writes_task_metrics(tmp_path):
+    proc = run_cli("debug=tiny_cpu", "eval=smoke", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_record(tmp_path)
+    assert set(record["eval"]) == {"arc_easy", "piqa", "bbh_zeroshot_boolean_expressions"}
+    assert record["eval"]["arc_easy"]["n"] == 3 and 0 <= record["eval"]["piqa"]["acc"] <= 1
+
+
+def test_code_tasks_need_the_explicit_opt_in(composer):
+    from qdllm.config import resolve_job
+
+    with pytest.raises(ConfigError, match="confirm_run_unsafe_code"):
+        resolve_job(composer("eval=code"))
