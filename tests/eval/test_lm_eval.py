@@ -11,9 +11,9 @@ from qdllm.errors import ConfigError
 from qdllm.eval.likelihood import MCSpec
 from qdllm.eval.lm import DiffusionEvalLM
 from qdllm.eval.sampler import GenSpec
-from qdllm.eval.tasks import write_local_tasks
+from qdllm.eval.tasks import mmlu_subjects, write_local_tasks
 from qdllm.models import load_dllm
-from tests.app.conftest import DATA_ROOT, read_record, run_cli
+from tests.app.conftest import DATA_ROOT, REPO, read_record, run_cli
 
 TASKS = ["arc_easy", "bbh_zeroshot_boolean_expressions"]
 
@@ -67,7 +67,7 @@ def test_local_files_are_checked_against_the_official_row_counts(tmp_path):
     with pytest.raises(ConfigError, match="100 rows, the official split has 2376"):
         write_local_tasks(["arc_easy"], tmp_path / "data", tmp_path / "out")
     with pytest.raises(ConfigError, match="eval.tasks"):
-        write_local_tasks(["mmlu"], DATA_ROOT, tmp_path / "out")
+        write_local_tasks(["truthfulqa_mc2"], DATA_ROOT, tmp_path / "out")
     shutil.rmtree(tmp_path / "data")
 
 
@@ -92,3 +92,35 @@ def test_code_tasks_need_the_explicit_opt_in(composer):
 
     with pytest.raises(ConfigError, match="confirm_run_unsafe_code"):
         resolve_job(composer("eval=code"))
+
+
+OLMO_ROOT = REPO / ".data" / "eval"
+needs_olmo = pytest.mark.skipif(not (OLMO_ROOT / ".complete").exists(), reason="run `make data` first")
+
+
+@needs_olmo
+def test_make_data_copies_match_the_official_splits(tmp_path):
+    write_local_tasks(["hellaswag", "winogrande"], DATA_ROOT, tmp_path, OLMO_ROOT)  # row counts checked
+    from qdllm.eval.tasks import _rows, local_tasks
+
+    tasks = local_tasks()
+    mmlu_test = sum(_rows(OLMO_ROOT / tasks[f"mmlu_{s}"].files["test"]) for s in mmlu_subjects())
+    assert len(mmlu_subjects()) == 57 and mmlu_test == 14042
+
+
+@needs_olmo
+def test_mmlu_group_runs_from_the_local_copy(tmp_path):
+    manager = TaskManager(
+        include_path=str(write_local_tasks(["mmlu"], DATA_ROOT, tmp_path, OLMO_ROOT)), include_defaults=False
+    )
+    lm = DiffusionEvalLM(load_dllm({"family": "llada", "source": "tiny"}), MCSpec(mc_num=1, mc_batch=1))
+    out = lm_eval.simple_evaluate(model=lm, tasks=["mmlu"], limit=1, num_fewshot=1, task_manager=manager)
+    assert out["results"]["mmlu"]["sample_len"] == 57 and 0 <= out["results"]["mmlu"]["acc,none"] <= 1
+
+
+def test_missing_make_data_is_reported_before_any_work(tmp_path):
+    from qdllm.eval.tasks import check_local
+
+    with pytest.raises(ConfigError, match="make data"):
+        check_local(["winogrande"], tmp_path)
+    check_local(["arc_easy", "bbh_zeroshot"], tmp_path)  # shared/data tasks need no extraction

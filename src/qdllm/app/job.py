@@ -31,11 +31,10 @@ from qdllm.app.results import (
     environment,
     quant_summary,
     read_results,
-    write_json_atomic,
-    write_parquet_atomic,
 )
 from qdllm.app.summary import format_summary
 from qdllm.app.tracking import NullTracker, open_tracker
+from qdllm.atomic import write_json_atomic, write_parquet_atomic
 from qdllm.calib.mcs import mcs_states
 from qdllm.config.resolve import resolve_job
 from qdllm.data.calibration import calibration_windows, load_texts

@@ -7,14 +7,11 @@ record; analysis reads these files and never W&B (`shared/spec/ecosystem.md` §2
 from __future__ import annotations
 
 import json
-import math
-import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from qdllm.quant.groups import group_widths
@@ -25,41 +22,10 @@ LAYERS_FILE = "layers.parquet"
 FP_BITS = 16  # storage of every tensor the quantizer leaves alone (embeddings, norms, head, biases)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Standard JSON (non-finite floats become null), replaced in one step."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def read_results(path: Path) -> dict[str, Any] | None:
     """The record in `path` (a results.json or its directory), or None when there is none."""
     path = path / RESULTS_FILE if path.is_dir() else path
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def quant_summary(layers: list[dict[str, Any]], n_params: int, method: str) -> dict[str, Any]:

