@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "src"))
 def expand_grid(experiment: str, extra: list[str]) -> tuple[list[list[str]], str]:
     """The experiment's jobs (each a list of overrides) and its task name."""
     from hydra import compose, initialize_config_dir
+
     # the basic sweeper's own grid expansion (hydra-core is pinned to 1.3.8, see pyproject.toml)
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
