@@ -89,7 +89,9 @@ def test_estimates_are_seeded_and_two_models_see_identical_masks(monkeypatch):
     for model in (first, second):
         original = model.logits
         monkeypatch.setattr(
-            model, "logits", lambda ids, m=model, f=original: seen[id(m)].append(ids.clone()) or f(ids)
+            model,
+            "logits",
+            lambda ids, *span, m=model, f=original: seen[id(m)].append(ids.clone()) or f(ids, *span),
         )
     spec = MCSpec(estimator="llada", mc_num=6, mc_batch=3)
     context, target = list(b"ab"), list(b"cdef")
@@ -99,3 +101,12 @@ def test_estimates_are_seeded_and_two_models_see_identical_masks(monkeypatch):
     assert a != b
     inputs_first = torch.cat(seen[id(first)][:2])
     assert torch.equal(inputs_first, torch.cat(seen[id(second)]))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_logits_of_a_span_equal_the_slice_of_all_logits(family):
+    dllm = tiny(family, sharpen=1.0)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    full = dllm.logits(ids)
+    for start, length in [(0, 12), (0, 3), (5, 4), (11, 1)]:
+        torch.testing.assert_close(dllm.logits(ids, start, length), full[:, start : start + length])

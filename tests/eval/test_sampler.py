@@ -11,7 +11,9 @@ from qdllm.models import load_dllm
 def recording(monkeypatch, dllm):
     canvases = []
     original = dllm.logits
-    monkeypatch.setattr(dllm, "logits", lambda ids: canvases.append(ids[0].clone()) or original(ids))
+    monkeypatch.setattr(
+        dllm, "logits", lambda ids, *span: canvases.append(ids[0].clone()) or original(ids, *span)
+    )
     return canvases
 
 

@@ -101,7 +101,7 @@ def mc_loglikelihood(
     for rows, w in zip(masks.split(spec.mc_batch), weights.split(spec.mc_batch)):
         noisy = clean.repeat(rows.shape[0], 1)
         noisy[:, start : start + n] = torch.where(rows, dllm.mask_token_id, noisy[:, start : start + n])
-        logits = guided_logits(dllm, noisy, start, spec.cfg)[:, start : start + n]
+        logits = guided_logits(dllm, noisy, start, spec.cfg, (start, n))
         ce = (
             F.cross_entropy(
                 logits.float().transpose(1, 2),
@@ -115,13 +115,20 @@ def mc_loglikelihood(
     return -total / spec.mc_num
 
 
-def guided_logits(dllm: DiffusionLM, noisy: torch.Tensor, prompt_len: int, cfg: float) -> torch.Tensor:
-    """Aligned logits; with cfg > 0, un + (cfg + 1)(cond - un) where `un` sees the prompt masked."""
+def guided_logits(
+    dllm: DiffusionLM,
+    noisy: torch.Tensor,
+    prompt_len: int,
+    cfg: float,
+    span: tuple[int, int | None] = (0, None),
+) -> torch.Tensor:
+    """Aligned logits of positions span = (start, length); with cfg > 0, un + (cfg + 1)(cond - un)
+    where `un` sees the prompt masked (unsupervised classifier-free guidance)."""
     noisy = noisy.to(dllm.device)
     if cfg == 0:
-        return dllm.logits(noisy)
+        return dllm.logits(noisy, *span)
     unconditional = noisy.clone()
     unconditional[:, :prompt_len] = dllm.mask_token_id
-    both = dllm.logits(torch.cat([noisy, unconditional])).float()
+    both = dllm.logits(torch.cat([noisy, unconditional]), *span).float()
     cond, un = both.chunk(2)
     return un + (cfg + 1) * (cond - un)

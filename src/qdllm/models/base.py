@@ -53,15 +53,19 @@ class DiffusionLM:
         raise NotImplementedError
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L, V) logits aligned so that position i scores token i (shifted families realigned)."""
+    def logits(self, input_ids: torch.Tensor, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """(B, length, V) logits of positions [start, start + length) (default: all), aligned so that
+        position i scores token i (shifted families realigned; their position 0 repeats position 0's
+        output). The LM head runs on the requested positions only, which is most of the cost of a
+        forward over a short sequence with a large vocabulary."""
         hidden = self.embed(input_ids)
         for block in self.blocks():
             hidden = self.block_forward(block, hidden)
-        out = self.head(hidden)
-        if self.shift_logits:
-            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
-        return out
+        length = input_ids.shape[1] - start if length is None else length
+        if not self.shift_logits:
+            return self.head(hidden[:, start : start + length])
+        source = torch.arange(start, start + length, device=hidden.device).sub(1).clamp_min(0)
+        return self.head(hidden[:, source])
 
     def quantizable(self) -> list[tuple[int, str, nn.Linear]]:
         """(block index, name in block, module) for every Linear the pipeline quantizes."""
