@@ -37,6 +37,20 @@ GENERATION_TASKS = {"bbh_zeroshot (256/256/32)": (6511, 150)}  # documents, prom
 DEV_BBH_DOCS = 27 * 20  # the dev tier keeps 20 documents of each BBH subtask
 
 
+class FullHead:
+    """The model with `logits(ids, start, length)` computed over all positions, then sliced."""
+
+    def __init__(self, dllm):
+        self.dllm = dllm
+
+    def __getattr__(self, name):
+        return getattr(self.dllm, name)
+
+    def logits(self, ids, start=0, length=None):
+        out = self.dllm.logits(ids)
+        return out[:, start : None if length is None else start + length]
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
