@@ -109,11 +109,20 @@ def main() -> None:
             }
         )
     total = {k: sum(r[k] for r in rows) for k in ("paper_hours", "dev_hours_limit500_mc32")}
+    # baseline in the same run: the LM head over every position, then sliced (before the span API)
+    context, continuation, mc = [1] * 52, [2] * 8, MCSpec("llada", mc_num=128, mc_batch=32)
+    baseline = timed(partial(mc_loglikelihood, FullHead(dllm), context, continuation, mc, 0), args.repeats)
+    head_speedup = baseline / request_s["piqa (0)"]
+    print(
+        f"piqa request with the head on all positions: {baseline:.3f} s ({head_speedup:.2f}x the span head)"
+    )
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "rows": rows,
         "total": total,
+        "piqa_full_head_seconds_per_request": baseline,
+        "span_head_speedup": head_speedup,
     }
     for r in rows:
         print(
