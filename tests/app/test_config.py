@@ -18,6 +18,7 @@ REFUSED = {
     ("quant", "slim"): r"quant\.method",
     ("eval", "general7"): NEEDS_MAKE_DATA,
     ("eval", "mmlu"): NEEDS_MAKE_DATA,
+    ("eval", "dev"): NEEDS_MAKE_DATA,
     ("eval", "code"): "confirm_run_unsafe_code",
     ("experiment", "table1"): NEEDS_MAKE_DATA,
     ("experiment", "table2a_mcs"): NEEDS_MAKE_DATA,

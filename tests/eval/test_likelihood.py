@@ -110,3 +110,15 @@ def test_logits_of_a_span_equal_the_slice_of_all_logits(family):
     full = dllm.logits(ids)
     for start, length in [(0, 12), (0, 3), (5, 4), (11, 1)]:
         torch.testing.assert_close(dllm.logits(ids, start, length), full[:, start : start + length])
+
+
+def test_single_token_llada_requests_take_one_forward_whatever_mc_num(monkeypatch):
+    dllm = tiny("llada")
+    calls = []
+    original = dllm.logits
+    monkeypatch.setattr(dllm, "logits", lambda ids, *span: calls.append(ids.shape[0]) or original(ids, *span))
+    one = mc_loglikelihood(dllm, list(b"Q:"), list(b"A"), MCSpec(estimator="llada", mc_num=1, mc_batch=1), 0)
+    many = mc_loglikelihood(
+        dllm, list(b"Q:"), list(b"A"), MCSpec(estimator="llada", mc_num=64, mc_batch=32), 5
+    )
+    assert one == pytest.approx(many) and calls == [1, 1]
