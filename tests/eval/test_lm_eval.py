@@ -71,6 +71,14 @@ def test_local_files_are_checked_against_the_official_row_counts(tmp_path):
     shutil.rmtree(tmp_path / "data")
 
 
+def test_gpqa_humaneval_and_mbpp_copies_have_the_official_sizes(tmp_path):
+    out = write_local_tasks(
+        ["gpqa_diamond_n_shot", "humaneval", "mbpp"], DATA_ROOT, tmp_path
+    )  # 198, 164, 500
+    ids = [json.loads(line)["task_id"] for line in (out / "mbpp_test.jsonl").read_text().splitlines()]
+    assert ids == list(range(11, 511))
+
+
 def test_piqa_labels_are_merged_in_order(tmp_path):
     out = write_local_tasks(["piqa"], DATA_ROOT, tmp_path)
     rows = [json.loads(line) for line in (out / "piqa_validation.jsonl").read_text().splitlines()]
@@ -124,3 +132,21 @@ def test_missing_make_data_is_reported_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="make data"):
         check_local(["winogrande"], tmp_path)
     check_local(["arc_easy", "bbh_zeroshot"], tmp_path)  # shared/data tasks need no extraction
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_knows_the_qdllm_model(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.app.conftest import app_env
+
+    tasks = write_local_tasks(["arc_easy"], DATA_ROOT, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qdllm.eval", "run", "--model", "qdllm", "--model_args",
+         "family=llada,source=tiny,mc_num=2,mc_batch=2", "--tasks", "arc_easy",
+         "--include_path", str(tasks), "--limit", "2"],
+        env={**app_env(), "HF_DATASETS_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "arc_easy" in proc.stdout and "acc_norm" in proc.stdout

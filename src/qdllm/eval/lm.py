@@ -61,7 +61,14 @@ class DiffusionEvalLM(TemplateLM):
         """`family=llada,source=...,dtype=bfloat16,device=cuda,mc_num=128,mc_batch=32,seed=1234`."""
         from lm_eval.utils import simple_parse_args_string
 
-        args: dict[str, Any] = simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> DiffusionEvalLM:
+        """Model fields (`ModelSpec`, e.g. `device=cuda`), MC fields (`MCSpec`), sampler fields
+        (`GenSpec`), `seed`, `max_length`. lm-eval's own `--device` / `--batch_size` are not used:
+        the device is a model field and the MC batch is `mc_batch`."""
+        args: dict[str, Any] = dict(arg_dict)
         model = {k: args.pop(k) for k in list(args) if k in MODEL_FIELDS}
         mc = {k: args.pop(k) for k in list(args) if k in MCSpec.__dataclass_fields__}
         gen = {k: args.pop(k) for k in list(args) if k in GenSpec.__dataclass_fields__}

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from qdllm.eval.sampler import GenSpec
 from qdllm.eval.tasks import check_local, write_local_tasks
 from qdllm.models.base import DiffusionLM
 
+log = logging.getLogger(__name__)
 BUILTIN_TASKS = ("ppl",)
 CODE_TASKS = ("humaneval", "mbpp")
 DATA_MODES = ("local", "hub")
@@ -95,6 +98,7 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
         by_shots.setdefault(eval_cfg.num_fewshot.get(task), []).append(task)
     metrics: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
+    start = time.perf_counter()
     for shots, group in by_shots.items():
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -110,11 +114,13 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
         )
         for task in group:  # groups (mmlu, bbh_zeroshot) are reported by their aggregate
             metrics[task] = _metrics(out["results"][task])
-        details.update({k: out[k] for k in ("results", "configs", "n-shot", "n-samples") if k in out})
-        details["versions"] = {**details.get("versions", {}), **out.get("versions", {})}
-    write_json_atomic(
-        Path(eval_cfg.results_file), details, lenient=True
-    )  # every subtask, as lm-eval reports it
+        for key in ("results", "configs", "n-shot", "n-samples", "versions"):  # every subtask, as reported
+            details.setdefault(key, {}).update(out.get(key) or {})
+    seconds = time.perf_counter() - start
+    rate = lm.requests_done / seconds
+    details["speed"] = {"requests": lm.requests_done, "seconds": seconds, "requests_per_second": rate}
+    log.info("lm-eval: %d requests in %.1f s (%.2f requests/s)", lm.requests_done, seconds, rate)
+    write_json_atomic(Path(eval_cfg.results_file), details, lenient=True)
     return metrics
 
 
