@@ -19,6 +19,7 @@ REFUSED = {
     ("eval", "general7"): NEEDS_MAKE_DATA,
     ("eval", "mmlu"): NEEDS_MAKE_DATA,
     ("eval", "dev"): NEEDS_MAKE_DATA,
+    ("eval", "math"): NEEDS_MAKE_DATA,
     ("eval", "code"): "confirm_run_unsafe_code",
     ("experiment", "table1"): NEEDS_MAKE_DATA,
     ("experiment", "table2a_mcs"): NEEDS_MAKE_DATA,

@@ -16,7 +16,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from qdllm.eval.likelihood import MCSpec, mc_loglikelihood, request_seed
-from qdllm.eval.sampler import GenSpec, dream_generate, llada_generate
+from qdllm.eval.sampler import GenSpec, generate
 from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import ModelSpec, load_dllm
 
@@ -128,7 +128,6 @@ class DiffusionEvalLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        sample = llada_generate if self.mc.estimator == "llada" else dream_generate
         for context, gen_kwargs in tqdm(
             [r.args for r in requests], desc="diffusion generate", disable=disable_tqdm
         ):
@@ -138,7 +137,7 @@ class DiffusionEvalLM(TemplateLM):
             spec = _fit(self.gen, length)
             prompt = self.tok_encode(context)[-(self.max_length - spec.gen_length) :]
             generator = torch.Generator().manual_seed(request_seed(self.seed, context))
-            text = self.tok_decode(sample(self.dllm, prompt, spec, generator))
+            text = self.tok_decode(generate(self.dllm, prompt, spec, generator))
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

