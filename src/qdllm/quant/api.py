@@ -80,6 +80,7 @@ def quantize_weight(
     cfg: Any,
     *,
     orders: torch.Tensor | None = None,
+    cross_moment: torch.Tensor | None = None,
     return_state: bool = False,
 ) -> QuantResult:
     """Quantize one weight matrix.
@@ -91,10 +92,17 @@ def quantize_weight(
         cfg: the resolved ``quant`` node, a dict with the same keys, or a `QuantSpec`.
         orders: optional (G,) precomputed DAQ orders (ABMP with block scope is decided across
             Linears by the caller); overrides ``abmp_ratio``.
+        cross_moment: (C, C) D = (X - X~)^T X~ / N for ``gptaq``: X the inputs of this Linear in
+            the FP model, X~ in the partially quantized model (`hessian` is built from X~).
         return_state: also return the codes and scales needed by the packed format.
     """
     spec = QuantSpec.from_any(cfg)
     _check_inputs(weight, hessian, spec, orders)
+    if spec.method == "gptaq" and (cross_moment is None or cross_moment.shape != hessian.shape):
+        raise QuantInputError(
+            "quant.method='gptaq' needs cross_moment (C, C) = (X_fp - X_q)^T X_q / N beside the hessian; "
+            "the pipeline supplies it from the FP and quantized input streams"
+        )
     device = weight.device
     _sync(device)
     start = time.perf_counter()
@@ -118,7 +126,13 @@ def quantize_weight(
         q = weight.detach().to(torch.float32)
         group_orders = torch.full((len(slices),), torch.finfo(weight.dtype).bits, dtype=torch.int64)
         total_bits = n_rows * n_cols * torch.finfo(weight.dtype).bits
-    elif spec.method == "gptq":
+    elif spec.method in ("gptq", "gptaq"):
+        cross = None
+        if spec.method == "gptaq":
+            cross = cross_moment.detach().to(device=device, dtype=torch.float32)
+            if dead_count:  # a dead channel of X~ contributes nothing to H nor to D
+                cross = cross.clone()
+                cross[:, dead] = 0.0
         out = gptq_quantize(
             w,
             s,
@@ -131,6 +145,8 @@ def quantize_weight(
             damp=spec.damp,
             damp_max_tries=spec.damp_max_tries,
             scale_dtype=spec.torch_scale_dtype,
+            cross_moment=cross,
+            alpha=spec.gptaq_alpha,
         )
         q, damp = out.weight, out.damp
         group_orders = torch.full((len(out.params),), spec.bits, dtype=torch.int64)
@@ -276,7 +292,7 @@ def _select(code: BinaryCode, pos: int) -> BinaryCode:
 
 
 def _compensation(spec: QuantSpec) -> str:
-    if spec.method == "gptq":
+    if spec.method in ("gptq", "gptaq"):
         if spec.compensation not in ("auto", "off"):
             raise QuantConfigError(
                 f"quant.compensation={spec.compensation!r}: GPTQ compensates column by column "

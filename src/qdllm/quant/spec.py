@@ -16,8 +16,8 @@ import torch
 
 from qdllm.errors import ConfigError
 
-METHODS = ("none", "rtn", "gptq", "daq")
-PLANNED_METHODS = ("gptaq", "slim")  # config slots (conf/quant/); the baselines are not implemented yet
+METHODS = ("none", "rtn", "gptq", "gptaq", "daq")
+PLANNED_METHODS = ("slim",)  # config slots (conf/quant/); the baselines are not implemented yet
 Z_MODES = ("inv_diag_sq", "inv_diag", "chol_diag_sq", "magnitude")
 COMPENSATIONS = ("auto", "off", "diag", "exact")
 DOR_SCOPES = ("group", "matrix")
@@ -48,6 +48,8 @@ class QuantSpec:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    # gptaq: weight of the asymmetric-calibration term (0.25 in the reference code)
+    gptaq_alpha: float = 0.25
     # daq (paper eq. 3-10, Alg. 2)
     order: int = 2
     lam: float = 2.0
@@ -114,6 +116,7 @@ class QuantSpec:
             "must be a positive int, or -1 for one group per row",
         )
         need(self.block_size >= 1, "block_size", "must be >= 1")
+        need(self.gptaq_alpha >= 0, "gptaq_alpha", "must be >= 0 (0 turns GPTAQ into GPTQ)")
         need(isinstance(self.order, int) and 1 <= self.order <= 8, "order", "must be an int in [1, 8]")
         need(self.lam >= 1.0, "lam", "the outlier weight lambda must be >= 1 (1 disables DOR)")
         need(isinstance(self.iters, int) and self.iters >= 0, "iters", "must be an int >= 0")
@@ -130,7 +133,7 @@ class QuantSpec:
         need(self.abmp_scope in ABMP_SCOPES, "abmp_scope", f"must be one of {ABMP_SCOPES}")
         if self.method == "daq" and self.abmp_ratio > 0:
             need(self.order >= 2, "order", "ABMP moves groups to order K-1, so it needs order >= 2")
-        if self.method == "gptq" and self.static_groups:
+        if self.method in ("gptq", "gptaq") and self.static_groups:
             need(self.group_size != -1, "static_groups", "needs a finite group_size")
         return self
 
