@@ -131,3 +131,52 @@ def test_blocks_offloaded_from_cpu_match_a_model_on_gpu(c4_path, family):
         on_gpu.model.state_dict().items(), offloaded.model.state_dict().items(), strict=True
     ):
         assert torch.equal(v.cpu(), v2), k
+
+
+def _weights(dllm):
+    return {f"{b}.{n}": m.weight.detach().clone() for b, n, m in dllm.quantizable()}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_gptaq_pipeline_against_gptq(c4_path, family):
+    """alpha = 0 is GPTQ exactly; with alpha > 0 the first stage of block 0 (both streams start at
+    the same embeddings, so D = 0) still equals GPTQ while later stages see D != 0 and differ."""
+    results = {}
+    for name, cfg in {
+        "gptq": {"method": "gptq"},
+        "gptaq0": {"method": "gptaq", "gptaq_alpha": 0.0},
+        "gptaq": {"method": "gptaq"},
+    }.items():
+        dllm = load_dllm({"family": family})
+        _, states = _states(dllm, c4_path)
+        quantize_model(dllm, states, cfg, PipelineSpec(progress=False))
+        results[name] = _weights(dllm)
+    gptq, same, asym = results["gptq"], results["gptaq0"], results["gptaq"]
+    assert all(torch.equal(gptq[k], same[k]) for k in gptq)
+    first_stage = [f"0.{n}" for n in load_dllm({"family": family}).stages[0].linears]
+    assert all(torch.equal(gptq[k], asym[k]) for k in first_stage)
+    assert sum(not torch.equal(gptq[k], asym[k]) for k in gptq) >= len(gptq) - len(first_stage) - 1
+
+
+def test_gptaq_resumes_to_identical_weights(c4_path, tmp_path, monkeypatch):
+    """A resumed run rebuilds the FP trajectory from the original weights of finished blocks."""
+    cfg = {"method": "gptaq"}
+    reference = load_dllm({"family": "llada"})
+    _, states = _states(reference, c4_path)
+    quantize_model(reference, states, cfg, PipelineSpec(progress=False))
+    real, calls = pipeline_module.quantize_weight, {"n": 0}
+
+    def crash_in_block_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 7:  # the 7 Linears of block 0 are done
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "quantize_weight", crash_in_block_two)
+    spec = PipelineSpec(progress=False, checkpoint_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="killed"):
+        quantize_model(load_dllm({"family": "llada"}), states, cfg, spec)
+    monkeypatch.setattr(pipeline_module, "quantize_weight", real)
+    resumed = load_dllm({"family": "llada"})
+    assert quantize_model(resumed, states, cfg, spec).blocks_resumed == 1
+    assert all(torch.equal(a, b) for a, b in zip(_weights(reference).values(), _weights(resumed).values()))

@@ -10,6 +10,7 @@ the finished blocks, recomputes the cache through them and continues, giving ide
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
-from qdllm.pipeline.stats import second_moments
+from qdllm.pipeline.stats import asymmetric_moments, second_moments
 from qdllm.quant import QuantSpec, quantize_weight
 from qdllm.quant.abmp import allocate_orders, group_scores
 from qdllm.quant.groups import group_sizes
@@ -145,6 +146,14 @@ def quantize_model(
     for i, batch in enumerate(states.split(spec.batch_size)):
         cache[i] = dllm.embed(batch.to(home)).to(cache.device)
     timing["embed"] += _clock(device) - start
+    # GPTAQ fits each Linear to the FP model's output on FP inputs: a second cache carries the FP
+    # trajectory through the unquantized blocks (the only method that needs two copies)
+    fp_cache = None
+    if quant.method == "gptaq":
+        fp_dir = None if spec.cache_dir is None else str(Path(spec.cache_dir) / "fp")
+        fp_cache = HiddenCache(cache.kind, cache.device, fp_dir)
+        for i, chunk in enumerate(cache):
+            fp_cache[i] = chunk.clone()
 
     ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
     if ckpt is not None:
@@ -165,6 +174,7 @@ def quantize_model(
         if offload:
             block.to(device)
         run_block = lambda h, blk=block: dllm.block_forward(blk, h)  # noqa: E731
+        fp_block = copy.deepcopy(block) if fp_cache is not None else None  # before any write-back
         done = ckpt is not None and (ckpt / f"block_{b:04d}.json").exists()
         if done:
             _load_block(block, ckpt, b)
@@ -181,11 +191,26 @@ def quantize_model(
                 bar.set_postfix_str(stage.name)
                 modules = [block.get_submodule(n) for n in stage.linears]
                 t0 = _clock(device)
-                (s,) = second_moments(run_block, modules[:1], cache, device, allow_tf32=spec.allow_tf32)
+                cross = None
+                if fp_block is None:
+                    (s,) = second_moments(run_block, modules[:1], cache, device, allow_tf32=spec.allow_tf32)
+                else:
+                    s, cross = asymmetric_moments(
+                        run_block,
+                        lambda h, blk=fp_block: dllm.block_forward(blk, h),
+                        modules[0],
+                        fp_block.get_submodule(stage.linears[0]),
+                        cache,
+                        fp_cache,
+                        device,
+                        allow_tf32=spec.allow_tf32,
+                    )
                 timing[f"stats/{stage.name}"] += _clock(device) - t0
                 for name, module in zip(stage.linears, modules, strict=True):
                     t0 = _clock(device)
-                    result = quantize_weight(module.weight, s, quant, orders=orders.get(name))
+                    result = quantize_weight(
+                        module.weight, s, quant, orders=orders.get(name), cross_moment=cross
+                    )
                     module.weight.copy_(result.weight)
                     timing[f"quant/{stage.name}"] += _clock(device) - t0
                     rows.append(_row(b, stage.name, name, module, result))
@@ -195,6 +220,10 @@ def quantize_model(
         t0 = _clock(device)
         for i, chunk in enumerate(cache):
             cache[i] = run_block(chunk.to(device)).to(cache.device)
+        if fp_block is not None:
+            for i, chunk in enumerate(fp_cache):
+                fp_cache[i] = dllm.block_forward(fp_block, chunk.to(device)).to(fp_cache.device)
+            del fp_block
         timing["propagate"] += _clock(device) - t0
         if offload:
             block.to(home)

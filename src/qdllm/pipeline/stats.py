@@ -61,3 +61,56 @@ def second_moments(
         for h in handles:
             h.remove()
     return [s / max(n, 1) for s, n in zip(sums, counts, strict=True)]
+
+
+def _stage_input(
+    run_block: Callable, module: nn.Module, chunk: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """(tokens, C) fp32 input of `module` when `run_block` runs on `chunk` (the forward stops there)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args):
+        captured.append(args[0].reshape(-1, args[0].shape[-1]).to(torch.float32))
+        raise _StageInputsCaptured
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run_block(chunk.to(device))
+    except _StageInputsCaptured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@torch.no_grad()
+def asymmetric_moments(
+    run_quantized: Callable[[torch.Tensor], torch.Tensor],
+    run_fp: Callable[[torch.Tensor], torch.Tensor],
+    module_quantized: nn.Module,
+    module_fp: nn.Module,
+    chunks_quantized: Sequence[torch.Tensor],
+    chunks_fp: Sequence[torch.Tensor],
+    device: torch.device,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTAQ's statistics of one shared input, chunk by chunk in fp32:
+    S = X~^T X~ / N (X~: the input in the partially quantized model, on the quantized trajectory)
+    and D = (X - X~)^T X~ / N (X: the same Linear's input in the FP model, on the FP trajectory).
+    Both (C, C); chunk i of the two caches holds the same calibration states."""
+    size = module_quantized.in_features
+    s = torch.zeros(size, size, device=device, dtype=torch.float32)
+    d = torch.zeros_like(s)
+    tokens = 0
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        for chunk_q, chunk_fp in zip(chunks_quantized, chunks_fp, strict=True):
+            x_q = _stage_input(run_quantized, module_quantized, chunk_q, device)
+            x_fp = _stage_input(run_fp, module_fp, chunk_fp, device)
+            s.addmm_(x_q.T, x_q)
+            d.addmm_((x_fp - x_q).T, x_q)
+            tokens += x_q.shape[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
+    return s / max(tokens, 1), d / max(tokens, 1)
