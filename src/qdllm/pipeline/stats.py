@@ -63,7 +63,7 @@ def second_moments(
     return [s / max(n, 1) for s, n in zip(sums, counts, strict=True)]
 
 
-def _stage_input(
+def stage_input(
     run_block: Callable, module: nn.Module, chunk: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """(tokens, C) fp32 input of `module` when `run_block` runs on `chunk` (the forward stops there)."""
@@ -106,11 +106,25 @@ def asymmetric_moments(
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     try:
         for chunk_q, chunk_fp in zip(chunks_quantized, chunks_fp, strict=True):
-            x_q = _stage_input(run_quantized, module_quantized, chunk_q, device)
-            x_fp = _stage_input(run_fp, module_fp, chunk_fp, device)
+            x_q = stage_input(run_quantized, module_quantized, chunk_q, device)
+            x_fp = stage_input(run_fp, module_fp, chunk_fp, device)
             s.addmm_(x_q.T, x_q)
             d.addmm_((x_fp - x_q).T, x_q)
             tokens += x_q.shape[0]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
     return s / max(tokens, 1), d / max(tokens, 1)
+
+
+@torch.no_grad()
+def stage_input_sample(
+    run_block: Callable, module: nn.Module, chunks: Sequence[torch.Tensor], device: torch.device, tokens: int
+) -> torch.Tensor:
+    """(<= tokens, C) fp32: the first `tokens` input rows of `module` over the chunks (SliM-LLM's KL)."""
+    rows, seen = [], 0
+    for chunk in chunks:
+        rows.append(stage_input(run_block, module, chunk, device))
+        seen += rows[-1].shape[0]
+        if seen >= tokens:
+            break
+    return torch.cat(rows)[:tokens]

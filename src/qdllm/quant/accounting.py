@@ -31,3 +31,15 @@ def uniform_bits(rows: int, widths: Sequence[int], bits: Sequence[int], sym: boo
         if not sym:
             total += rows * b
     return total
+
+
+def slim_bits(rows: int, widths: Sequence[int], bits: Sequence[int], scale_bits: int) -> int:
+    """SliM-LLM: asymmetric uniform groups as `uniform_bits`; a 1-bit group stores its signs, a
+    row mean and a row scale."""
+    total = 0
+    for g, b in zip(widths, bits, strict=True):
+        if b == 1:
+            total += rows * g + 2 * rows * scale_bits + GROUP_META_BITS
+        else:
+            total += uniform_bits(rows, [g], [b], False, scale_bits)
+    return total

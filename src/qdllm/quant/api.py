@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qdllm.quant import accounting
+from qdllm.quant import accounting, slim
 from qdllm.quant.abmp import allocate_orders, group_scores
 from qdllm.quant.compensation import quantize_sequential
 from qdllm.quant.daq import BinaryCode, daq_quantize
@@ -81,6 +81,7 @@ def quantize_weight(
     *,
     orders: torch.Tensor | None = None,
     cross_moment: torch.Tensor | None = None,
+    inputs: torch.Tensor | None = None,
     return_state: bool = False,
 ) -> QuantResult:
     """Quantize one weight matrix.
@@ -94,10 +95,17 @@ def quantize_weight(
             Linears by the caller); overrides ``abmp_ratio``.
         cross_moment: (C, C) D = (X - X~)^T X~ / N for ``gptaq``: X the inputs of this Linear in
             the FP model, X~ in the partially quantized model (`hessian` is built from X~).
+        inputs: (n, C) calibration inputs of this Linear for ``slim`` (its KL choice of how many
+            groups move to bits-1 / bits+1).
         return_state: also return the codes and scales needed by the packed format.
     """
     spec = QuantSpec.from_any(cfg)
     _check_inputs(weight, hessian, spec, orders)
+    if spec.method == "slim" and (inputs is None or inputs.dim() != 2 or inputs.shape[1] != weight.shape[1]):
+        raise QuantInputError(
+            f"quant.method='slim' needs inputs (n, {weight.shape[1]}): calibration inputs of this Linear "
+            "for the KL choice of the bit allocation; the pipeline supplies them"
+        )
     if spec.method == "gptaq" and (cross_moment is None or cross_moment.shape != hessian.shape):
         raise QuantInputError(
             "quant.method='gptaq' needs cross_moment (C, C) = (X_fp - X_q)^T X_q / N beside the hessian; "
@@ -126,6 +134,11 @@ def quantize_weight(
         q = weight.detach().to(torch.float32)
         group_orders = torch.full((len(slices),), torch.finfo(weight.dtype).bits, dtype=torch.int64)
         total_bits = n_rows * n_cols * torch.finfo(weight.dtype).bits
+    elif spec.method == "slim":
+        q, group_orders, damp, params = _slim(w, s, gsize, spec, inputs)
+        total_bits = accounting.slim_bits(n_rows, widths, group_orders.tolist(), spec.scale_bits)
+        if return_state:
+            state = {"params": params}
     elif spec.method in ("gptq", "gptaq"):
         cross = None
         if spec.method == "gptaq":
@@ -291,8 +304,38 @@ def _select(code: BinaryCode, pos: int) -> BinaryCode:
     )
 
 
+def _slim(w: torch.Tensor, s: torch.Tensor, gsize: int, spec: QuantSpec, inputs: torch.Tensor):
+    """SliM-LLM: SBA bit allocation (KL-chosen k), then GPTQ with SQC / binarised group grids."""
+    diag = factorize(s, spec.damp, spec.damp_max_tries).upper.diagonal()
+    salience = slim.group_salience(w, diag, gsize)
+    x = inputs.detach().to(device=w.device, dtype=torch.float32)
+    k = slim.choose_k(w, salience, spec.bits, gsize, x, spec.torch_scale_dtype)
+    alloc = slim.allocate_bits(salience, k, spec.bits)
+
+    def fit_group(window: torch.Tensor, first: int):
+        window_salience = slim.element_salience(window, diag[first : first + window.shape[1]])
+        bits = int(alloc[first // gsize])
+        return slim.fit(window, bits, window_salience, spec.slim_lambda, spec.torch_scale_dtype)
+
+    out = gptq_quantize(
+        w,
+        s,
+        bits=spec.bits,
+        sym=False,
+        group_size=gsize,
+        block_size=spec.block_size,
+        act_order=False,
+        static_groups=False,
+        damp=spec.damp,
+        damp_max_tries=spec.damp_max_tries,
+        scale_dtype=spec.torch_scale_dtype,
+        fit_group=fit_group,
+    )
+    return out.weight, alloc.to(torch.int64), out.damp, out.params
+
+
 def _compensation(spec: QuantSpec) -> str:
-    if spec.method in ("gptq", "gptaq"):
+    if spec.method in ("gptq", "gptaq", "slim"):
         if spec.compensation not in ("auto", "off"):
             raise QuantConfigError(
                 f"quant.compensation={spec.compensation!r}: GPTQ compensates column by column "

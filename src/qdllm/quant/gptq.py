@@ -14,7 +14,9 @@ D = 0 (identical inputs) gives GPTQ exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,7 +35,7 @@ class GPTQOutput:
     """
 
     weight: torch.Tensor
-    params: list[UniformParams]
+    params: list[Any]  # UniformParams, or what `fit_group` returned
     g_idx: torch.Tensor
     damp: float
 
@@ -53,12 +55,15 @@ def gptq_quantize(
     scale_dtype: torch.dtype,
     cross_moment: torch.Tensor | None = None,
     alpha: float = 0.25,
+    fit_group: Callable[[torch.Tensor, int], Any] | None = None,
 ) -> GPTQOutput:
     """Quantize W (R, C) fp32 (dead columns already zeroed) with input second moment S (C, C);
     with `cross_moment` D (C, C) = (X - X~)^T X~ / N this is GPTAQ.
 
     Group grids are fitted on the current (compensated) columns when a group starts, as in the
     reference with group_size == block_size; `static_groups` fits them on the original W first.
+    `fit_group(window (R, g), first column)` replaces the min-max fit (SliM-LLM's mixed bits and
+    SQC); it returns any object with `fake_quantize(column)`.
     """
     w = weight.to(torch.float32).clone()
     s = second_moment.to(torch.float32)
@@ -83,7 +88,7 @@ def gptq_quantize(
 
     q = torch.empty_like(w)
     g_idx = torch.empty(n_cols, dtype=torch.int64)
-    params: list[UniformParams] = list(static)
+    params: list[Any] = list(static)
     current: UniformParams | None = None
     for b0 in range(0, n_cols, block_size):
         b1 = min(b0 + block_size, n_cols)
@@ -98,7 +103,7 @@ def gptq_quantize(
                 current = static[group]
             elif j % group_size == 0:
                 window = torch.cat([w1[:, i:], w[:, b1:]], dim=1)[:, :group_size]
-                current = find_params(window, bits, sym, scale_dtype)
+                current = fit_group(window, j) if fit_group else find_params(window, bits, sym, scale_dtype)
                 params.append(current)
                 group = len(params) - 1
             else:

@@ -16,8 +16,7 @@ import torch
 
 from qdllm.errors import ConfigError
 
-METHODS = ("none", "rtn", "gptq", "gptaq", "daq")
-PLANNED_METHODS = ("slim",)  # config slots (conf/quant/); the baselines are not implemented yet
+METHODS = ("none", "rtn", "gptq", "gptaq", "slim", "daq")
 Z_MODES = ("inv_diag_sq", "inv_diag", "chol_diag_sq", "magnitude")
 COMPENSATIONS = ("auto", "off", "diag", "exact")
 DOR_SCOPES = ("group", "matrix")
@@ -50,6 +49,9 @@ class QuantSpec:
     static_groups: bool = False
     # gptaq: weight of the asymmetric-calibration term (0.25 in the reference code)
     gptaq_alpha: float = 0.25
+    # slim (SliM-LLM): weight of salient elements in SQC; calibration tokens for the KL choice of k
+    slim_lambda: float = 1.0
+    slim_kl_tokens: int = 2048
     # daq (paper eq. 3-10, Alg. 2)
     order: int = 2
     lam: float = 2.0
@@ -103,11 +105,6 @@ class QuantSpec:
             if not ok:
                 raise QuantConfigError(f"quant.{field}={getattr(self, field)!r}: {msg}")
 
-        need(
-            self.method not in PLANNED_METHODS,
-            "method",
-            f"this baseline has a config slot but is not implemented yet; use one of {METHODS}",
-        )
         need(self.method in METHODS, "method", f"must be one of {METHODS}")
         need(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits", "must be an int in [1, 8]")
         need(
@@ -117,6 +114,12 @@ class QuantSpec:
         )
         need(self.block_size >= 1, "block_size", "must be >= 1")
         need(self.gptaq_alpha >= 0, "gptaq_alpha", "must be >= 0 (0 turns GPTAQ into GPTQ)")
+        need(self.slim_lambda > 0, "slim_lambda", "must be > 0")
+        need(self.slim_kl_tokens >= 1, "slim_kl_tokens", "must be >= 1")
+        if self.method == "slim":
+            need(self.bits >= 2, "bits", "SliM-LLM moves groups to bits-1, so it needs bits >= 2")
+            need(not self.act_order, "act_order", "SliM-LLM keeps the natural column order (groups)")
+            need(not self.static_groups, "static_groups", "SliM-LLM fits each group when it starts")
         need(isinstance(self.order, int) and 1 <= self.order <= 8, "order", "must be an int in [1, 8]")
         need(self.lam >= 1.0, "lam", "the outlier weight lambda must be >= 1 (1 disables DOR)")
         need(isinstance(self.iters, int) and self.iters >= 0, "iters", "must be an int >= 0")

@@ -44,14 +44,19 @@ class UniformParams:
 
 
 def find_params(
-    x: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16
+    x: torch.Tensor,
+    bits: int,
+    sym: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    range_scale: torch.Tensor | float = 1.0,
 ) -> UniformParams:
-    """Min-max grid per row of x (R, n), range extended to contain 0 (GPTQ convention)."""
+    """Min-max grid per row of x (R, n), range extended to contain 0 (GPTQ convention) and
+    multiplied by `range_scale` (scalar or (R,); SliM-LLM's SQC searches it)."""
     maxq = 2**bits - 1
     x = x.to(torch.float32)
     zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    xmin = torch.minimum(x.min(1).values, zeros)
-    xmax = torch.maximum(x.max(1).values, zeros)
+    xmin = torch.minimum(x.min(1).values, zeros) * range_scale
+    xmax = torch.maximum(x.max(1).values, zeros) * range_scale
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
