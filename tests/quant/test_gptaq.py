@@ -67,3 +67,13 @@ def test_gptaq_needs_the_cross_moment():
     s, _ = moments(*streams(512, 64, 7, 0.1))
     with pytest.raises(QuantInputError, match="cross_moment"):
         quantize_weight(w, s, {"method": "gptaq"})
+
+
+def test_gptaq_beats_rtn_on_correlated_inputs():
+    w = random_weight(64, 256, 8)
+    x, x_q = streams(4096, 256, 9, 0.1)
+    s, d = moments(x, x_q)
+    rtn = quantize_weight(w, s, {"method": "rtn", "bits": 2})
+    gptaq = quantize_weight(w, s, {"method": "gptaq", "bits": 2}, cross_moment=d)
+    assert gptaq.proxy_error < rtn.proxy_error
+    assert output_error(gptaq.weight, w, x, x_q) < output_error(rtn.weight, w, x, x_q)
