@@ -39,7 +39,7 @@ TABLE2_TINY := table2a_mcs_tiny table2b_abmp_tiny table2c_daq_tiny table2d_calib
 sweep-table2-tiny: setup
 	for e in $(TABLE2_TINY); do $(PY) run.py experiment=$$e || exit 1; done
 
-# every paper table on the tiny models (Table 1's GPTAQ / SliM-LLM jobs are recorded as failed until implemented)
+# every paper table on the tiny models
 sweep-tiny: sweep-table2-tiny
 	for e in table1_tiny table3_size_tiny; do $(PY) run.py experiment=$$e || exit 1; done
 
