@@ -1,0 +1,164 @@
+"""One quantized Linear as packed tensors and back, sized exactly like `qdllm.quant.accounting`.
+
+Binary-coded (DAQ), column groups g of width w_g with order K_g; the planes p run over the groups,
+then the orders (P = sum_g K_g planes, n = sum_g K_g w_g plane columns):
+    bcq_k          int8   (G,)                order of each group
+    bcq_signs      int32  (R, ceil(n / 32))   per row, the sign bits of every plane's columns in
+                                              plane order (1 = +1, little-endian)
+    bcq_row_scale  fp16   (P, R)              a_p
+    bcq_col_scale  fp16   (n,)                c_p of each plane, concatenated
+    bcq_row_mean   fp16   (G, R)              only with row centring
+Uniform (RTN, GPTQ, GPTAQ), codes in the original column order:
+    uq_bits        int8   (G,)                bits of each group
+    uq_codes       int32  (R, ceil(sum_c bits_c / 32))   every column's code as a bit stream
+    uq_scale       fp16   (G, R)
+    uq_zero        int32  (G, ceil(R bits / 32))         zero points (asymmetric only)
+    uq_g_idx       int32  (C,)                group of each column, when not c // group_size
+Both: weight_shape int32 (2,). This is the exact layout of the spec's BCQ format (ecosystem.md
+§3.3) without its padding to 128 columns, so the file size equals the reported bits per weight up to
+one partial word per row. Unpacking recomputes the fake-quantized weight exactly (fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdllm.packing.bits import pack_bits, pack_codes, unpack_bits, unpack_codes
+from qdllm.quant.daq import BinaryCode
+from qdllm.quant.groups import group_slices
+from qdllm.quant.uniform import UniformParams
+
+
+class PackedFormatError(ValueError):
+    """Packed tensors disagree with each other or with the checkpoint's config."""
+
+
+def pack_daq(codes: list[BinaryCode], shape: tuple[int, int], scale_dtype: torch.dtype) -> dict:
+    """`codes`: one BinaryCode per column group (a G axis of length 1), as `quantize_weight`
+    returns them with `return_state=True`."""
+    signs, row_scales, col_scales, means = [], [], [], []
+    for code in codes:
+        for k in range(code.order):
+            signs.append(code.signs[k, 0] > 0)
+            row_scales.append(code.row_scales[k, 0])
+            col_scales.append(code.col_scales[k, 0])
+        if code.row_mean is not None:
+            means.append(code.row_mean[0])
+    out = {
+        "bcq_k": torch.tensor([c.order for c in codes], dtype=torch.int8),
+        "bcq_signs": pack_bits(torch.cat(signs, dim=1)),
+        "bcq_row_scale": torch.stack(row_scales).to(scale_dtype),
+        "bcq_col_scale": torch.cat(col_scales).to(scale_dtype),
+        "weight_shape": torch.tensor(shape, dtype=torch.int32),
+    }
+    if means:
+        out["bcq_row_mean"] = torch.stack(means).to(scale_dtype)
+    return out
+
+
+def unpack_daq(tensors: dict, group_size: int) -> torch.Tensor:
+    rows, cols = (int(x) for x in tensors["weight_shape"])
+    orders = tensors["bcq_k"].tolist()
+    slices = group_slices(cols, group_size)
+    widths = [sl.stop - sl.start for sl in slices]
+    plane_cols = sum(k * w for k, w in zip(orders, widths, strict=False))
+    if (
+        len(orders) != len(slices)
+        or tensors["bcq_row_scale"].shape != (sum(orders), rows)
+        or tensors["bcq_col_scale"].shape != (plane_cols,)
+        or tensors["bcq_signs"].shape != (rows, -(-plane_cols // 32))
+    ):
+        raise PackedFormatError(
+            f"packed BCQ tensors do not fit weight_shape {rows}x{cols}, group_size {group_size} and "
+            f"orders {orders}: got signs {tuple(tensors['bcq_signs'].shape)}, row scales "
+            f"{tuple(tensors['bcq_row_scale'].shape)}, col scales {tuple(tensors['bcq_col_scale'].shape)}"
+        )
+    signs = unpack_bits(tensors["bcq_signs"], plane_cols).float() * 2 - 1
+    row_scale = tensors["bcq_row_scale"].float()
+    col_scale = tensors["bcq_col_scale"].float()
+    means = tensors.get("bcq_row_mean")
+    weight = torch.empty(rows, cols, dtype=torch.float32, device=signs.device)
+    plane, col = 0, 0
+    for g, (order, sl) in enumerate(zip(orders, slices, strict=True)):
+        width = sl.stop - sl.start
+        q = torch.zeros(rows, width, dtype=torch.float32, device=weight.device)
+        for _ in range(order):
+            a, c = row_scale[plane], col_scale[col : col + width]
+            q += a.unsqueeze(-1) * c.unsqueeze(-2) * signs[:, col : col + width]
+            plane, col = plane + 1, col + width
+        if means is not None:
+            q += means[g].float().unsqueeze(-1)
+        weight[:, sl] = q
+    return weight
+
+
+def pack_uniform(
+    weight_q: torch.Tensor,
+    params: list[UniformParams],
+    g_idx: torch.Tensor | None,
+    bits: list[int],
+    sym: bool,
+    group_size: int,
+) -> dict:
+    """`weight_q` (R, C) the fake-quantized weight; `params` one grid per group; `g_idx` (C,) the
+    group of each column (None: c // group_size)."""
+    rows, cols = weight_q.shape
+    if len(set(bits)) != 1:
+        raise PackedFormatError("mixed bit widths per group (SliM-LLM) are not packable yet")
+    contiguous = torch.arange(cols) // group_size
+    g_idx = contiguous if g_idx is None else g_idx.to(torch.int64).cpu()
+    codes, code_bits = [], []
+    for c in range(cols):
+        p = params[int(g_idx[c])]
+        codes.append(p.quantize(weight_q[:, c].float()).to(torch.int64))
+        code_bits.append(bits[int(g_idx[c])])
+    stream = torch.cat(
+        [
+            ((code.unsqueeze(-1) >> torch.arange(b)) & 1).bool()
+            for code, b in zip(codes, code_bits, strict=True)
+        ],
+        dim=1,
+    )
+    out = {
+        "uq_bits": torch.tensor(bits, dtype=torch.int8),
+        "uq_codes": pack_bits(stream),
+        "uq_scale": torch.stack([p.scale for p in params]).to(torch.float16),
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
+    }
+    if not sym:
+        out["uq_zero"] = (
+            torch.stack([pack_codes(p.zero.to(torch.int64), b) for p, b in zip(params, bits, strict=True)])
+            if len(set(bits)) == 1
+            else None
+        )
+    if not torch.equal(g_idx, contiguous):
+        out["uq_g_idx"] = g_idx.to(torch.int32)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
+    rows, cols = (int(x) for x in tensors["weight_shape"])
+    bits = tensors["uq_bits"].tolist()
+    g_idx = tensors.get("uq_g_idx")
+    g_idx = (torch.arange(cols) // group_size) if g_idx is None else g_idx.to(torch.int64)
+    if int(g_idx.max()) >= len(bits) or tensors["uq_scale"].shape != (len(bits), rows):
+        raise PackedFormatError(
+            f"packed uniform tensors do not fit weight_shape {rows}x{cols} and group_size {group_size}: "
+            f"{len(bits)} groups in uq_bits, uq_scale {tuple(tensors['uq_scale'].shape)}"
+        )
+    col_bits = torch.tensor([bits[int(g)] for g in g_idx])
+    stream = unpack_bits(tensors["uq_codes"], int(col_bits.sum())).to(torch.int64)
+    offsets = torch.cumsum(col_bits, 0) - col_bits
+    scale = tensors["uq_scale"].float()
+    weight = torch.empty(rows, cols, dtype=torch.float32)
+    for c in range(cols):
+        b, start, g = int(col_bits[c]), int(offsets[c]), int(g_idx[c])
+        code = (stream[:, start : start + b] << torch.arange(b)).sum(-1).float()
+        maxq = 2**b - 1
+        zero = (
+            torch.full((rows,), (maxq + 1) / 2)
+            if sym
+            else unpack_codes(tensors["uq_zero"][g], rows, b).float()
+        )
+        weight[:, c] = scale[g] * (code - zero)
+    return weight
