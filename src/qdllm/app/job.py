@@ -41,6 +41,7 @@ from qdllm.data.calibration import calibration_windows, load_texts
 from qdllm.errors import ConfigError
 from qdllm.eval.runner import evaluate
 from qdllm.models.registry import load_dllm, save_dllm
+from qdllm.packing.checkpoint import save_quantized
 from qdllm.pipeline.quantize import quantize_model
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,17 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             "abmp_ratio": specs.quant.abmp_ratio if specs.quant.method == "daq" else 0.0,
             "abmp_scope": specs.quant.abmp_scope,
         }
+        if cfg.pack:
+            with _timed(timing, "save_packed"):
+                sizes = save_quantized(
+                    dllm,
+                    report.packed,
+                    output_dir / "packed",
+                    _packed_provenance(specs, record),
+                    {"base_model": specs.model.source, "config": record["config"]},
+                )
+            record["quant"]["packed_bytes"] = sizes
+            record["artifacts"]["packed"] = "packed"
         if cfg.save_model:
             with _timed(timing, "save_model"):
                 save_dllm(dllm, output_dir / "model")
@@ -146,6 +158,26 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         _free_memory()
     print(format_summary(record))
     return record
+
+
+def _packed_provenance(specs, record: dict[str, Any]) -> dict[str, Any]:
+    quant = specs.quant
+    return {
+        "method": quant.method,
+        "group_size": quant.group_size,
+        "sym": quant.sym,
+        "bits": quant.bits,
+        "order": quant.order,
+        "abmp_ratio": quant.abmp_ratio,
+        "abmp_scope": quant.abmp_scope,
+        "avg_bits_per_weight": record["quant"]["bits_per_weight"],
+        "calibration": {
+            "mcs": specs.mcs.enabled,
+            "nsamples": specs.data.nsamples,
+            "seqlen": specs.data.seqlen,
+        },
+        "qdllm_version": record["env"].get("qdllm"),
+    }
 
 
 def _write_record(record, layers, timing, start, output_dir: Path, tracker) -> None:

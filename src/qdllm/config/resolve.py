@@ -23,6 +23,7 @@ from qdllm.pipeline.quantize import PipelineSpec
 from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
 
 LOGGERS = ("none", "wandb")
+PACKABLE = ("daq", "rtn", "gptq", "gptaq")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -54,13 +55,19 @@ def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
     require(logger.name in LOGGERS, "logger.name", logger.name, f"use one of {LOGGERS}")
     require(logger.mode in WANDB_MODES, "logger.mode", logger.mode, f"use one of {WANDB_MODES}")
     check_tasks(run.eval)
+    require(
+        not run.pack or quant.method in PACKABLE,
+        "pack",
+        run.pack,
+        f"quant.method={quant.method!r} has no packed format yet; packable: {PACKABLE}",
+    )
     return JobSpecs(
         run=run,
         model=model,
         data=run.calib.data_spec(),
         mcs=run.calib.mcs_spec(),
         quant=quant,
-        pipeline=run.pipeline.validated(),
+        pipeline=dataclasses.replace(run.pipeline, pack=run.pack).validated(),
         eval=run.eval,
         logger=logger,
     )

@@ -76,6 +76,10 @@ class DiffusionLM:
                     out.append((index, name, block.get_submodule(name)))
         return out
 
+    def module_names(self) -> dict[int, str]:
+        """id(module) -> its dotted name in `self.model` (state-dict prefixes)."""
+        return {id(m): name for name, m in self.model.named_modules()}
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

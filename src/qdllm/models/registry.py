@@ -222,6 +222,32 @@ def _pretrained(spec: ModelSpec) -> DiffusionLM:
     return _wrap(spec.family, model, tokenizer, mask_id, spec.name)
 
 
+def build_skeleton(family: str, raw: dict[str, Any]) -> torch.nn.Module:
+    """The model of `family` described by a saved config.json, on the meta device (no weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        if family == "llada":
+            return LLaDAModelLM(LLaDAConfig.from_dict(raw))
+        config_cls, model_cls = (
+            (Qwen2Config, Qwen2ForCausalLM) if family == "dream" else (LlamaConfig, LlamaForCausalLM)
+        )
+        keys = set(config_cls().to_dict())
+        config = config_cls(
+            **{
+                k: v
+                for k, v in raw.items()
+                if k in keys and k not in ("model_type", "architectures", "auto_map")
+            }
+        )
+        return model_cls(config)
+
+
+def wrap_model(family: str, model, tokenizer, mask_id: int, name: str) -> DiffusionLM:
+    """The family's `DiffusionLM` adapter around a loaded model."""
+    return _wrap(family, model, tokenizer, mask_id, name)
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:

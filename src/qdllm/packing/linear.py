@@ -162,3 +162,19 @@ def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
         )
         weight[:, c] = scale[g] * (code - zero)
     return weight
+
+
+def pack_result(result, quant, shape: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
+    """(kind, tensors) of one `quantize_weight(..., return_state=True)` result; `quant` its QuantSpec."""
+    if result.method == "daq":
+        return "bcq", pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
+    if result.method in ("rtn", "gptq", "gptaq"):
+        params = result.state["params"]
+        bits = [quant.bits] * len(params)
+        return "uniform", pack_uniform(
+            result.weight.float(), params, result.state.get("g_idx"), bits, quant.sym, result.group_size
+        )
+    raise PackedFormatError(
+        f"quant.method={result.method!r} has no packed format yet (packable: daq, rtn, gptq, gptaq); "
+        "run without pipeline.pack"
+    )

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
+from qdllm.packing.linear import pack_result
 from qdllm.pipeline.stats import asymmetric_moments, second_moments, stage_input_sample
 from qdllm.quant import QuantSpec, quantize_weight
 from qdllm.quant.abmp import allocate_orders, group_scores
@@ -46,6 +47,7 @@ class PipelineSpec:
     checkpoint_dir: str | None = None  # per-block checkpoints; resume when it holds finished blocks
     progress: bool = True
     allow_tf32: bool = False  # TF32 matmuls (fp32 accumulation) for S on CUDA; spec §4 step 2
+    pack: bool = False  # also keep every Linear's packed tensors (report.packed) for a packed checkpoint
 
     def validated(self) -> PipelineSpec:
         """Check every field; errors name the Hydra key (`pipeline.<field>`)."""
@@ -64,6 +66,8 @@ class PipelineReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     blocks_resumed: int = 0
+    # full module name -> (kind, packed tensors on CPU), with PipelineSpec.pack
+    packed: dict[str, tuple[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
 class HiddenCache:
@@ -106,9 +110,9 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _fingerprint(quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM) -> str:
+def _fingerprint(quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM, pack: bool) -> str:
     h = hashlib.sha256(json.dumps(asdict(quant), sort_keys=True).encode())
-    h.update(dllm.family.encode())
+    h.update(f"{dllm.family}/pack={pack}".encode())
     h.update(states.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -158,7 +162,7 @@ def quantize_model(
     ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(quant, states, dllm)
+        fingerprint = _fingerprint(quant, states, dllm, spec.pack)
         manifest = ckpt / "manifest.json"
         if manifest.exists() and json.loads(manifest.read_text())["fingerprint"] != fingerprint:
             raise RuntimeError(
@@ -168,6 +172,7 @@ def quantize_model(
         _atomic_json(manifest, {"fingerprint": fingerprint})
 
     blocks = dllm.blocks()
+    names = dllm.module_names()
     bar = tqdm(range(len(blocks)), desc="quantize blocks", disable=not spec.progress)
     for b in bar:
         block = blocks[b]
@@ -176,8 +181,10 @@ def quantize_model(
         run_block = lambda h, blk=block: dllm.block_forward(blk, h)  # noqa: E731
         fp_block = copy.deepcopy(block) if fp_cache is not None else None  # before any write-back
         done = ckpt is not None and (ckpt / f"block_{b:04d}.json").exists()
+        packed: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
         if done:
             _load_block(block, ckpt, b)
+            report.packed.update(_load_packed(ckpt, b))
             report.layers.extend(json.loads((ckpt / f"block_{b:04d}.json").read_text()))
             report.blocks_resumed += 1
         else:
@@ -212,14 +219,24 @@ def quantize_model(
                 for name, module in zip(stage.linears, modules, strict=True):
                     t0 = _clock(device)
                     result = quantize_weight(
-                        module.weight, s, quant, orders=orders.get(name), cross_moment=cross, inputs=sample
+                        module.weight,
+                        s,
+                        quant,
+                        orders=orders.get(name),
+                        cross_moment=cross,
+                        inputs=sample,
+                        return_state=spec.pack,
                     )
                     module.weight.copy_(result.weight)
+                    if spec.pack:
+                        kind, tensors = pack_result(result, quant, tuple(module.weight.shape))
+                        packed[names[id(module)]] = (kind, {k: v.cpu() for k, v in tensors.items()})
                     timing[f"quant/{stage.name}"] += _clock(device) - t0
                     rows.append(_row(b, stage.name, name, module, result))
             if ckpt is not None:
-                _save_block(block, dllm, ckpt, b, rows)
+                _save_block(block, dllm, ckpt, b, rows, packed)
             report.layers.extend(rows)
+            report.packed.update(packed)
         t0 = _clock(device)
         for i, chunk in enumerate(cache):
             cache[i] = run_block(chunk.to(device)).to(cache.device)
@@ -278,12 +295,35 @@ def _linear_names(dllm: DiffusionLM) -> list[str]:
     return [n for stage in dllm.stages for n in stage.linears]
 
 
-def _save_block(block, dllm, ckpt: Path, b: int, rows: list[dict]) -> None:
+def _save_block(block, dllm, ckpt: Path, b: int, rows: list[dict], packed: dict) -> None:
     tensors = {n: block.get_submodule(n).weight.detach().contiguous().cpu() for n in _linear_names(dllm)}
     tmp = ckpt / f"block_{b:04d}.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, ckpt / f"block_{b:04d}.safetensors")
+    if packed:
+        flat = {f"{name}/{key}": t.contiguous() for name, (_, ts) in packed.items() for key, t in ts.items()}
+        kinds = {name: kind for name, (kind, _) in packed.items()}
+        tmp = ckpt / f"block_{b:04d}.packed.safetensors.tmp"
+        save_file(flat, str(tmp), metadata={"kinds": json.dumps(kinds)})
+        os.replace(tmp, ckpt / f"block_{b:04d}.packed.safetensors")
     _atomic_json(ckpt / f"block_{b:04d}.json", rows)  # written last: marks the block finished
+
+
+def _load_packed(ckpt: Path, b: int) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    path = ckpt / f"block_{b:04d}.packed.safetensors"
+    if not path.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        kinds = json.loads(fh.metadata()["kinds"])
+        out: dict[str, tuple[str, dict[str, torch.Tensor]]] = {
+            name: (kind, {}) for name, kind in kinds.items()
+        }
+        for key in fh.keys():
+            name, tensor = key.rsplit("/", 1)
+            out[name][1][tensor] = fh.get_tensor(key)
+    return out
 
 
 def _load_block(block, ckpt: Path, b: int) -> None:
