@@ -97,3 +97,20 @@ def test_run_py_pack_writes_the_checkpoint_and_its_size(tmp_path):
         qdllm.load_quantized(tmp_path / "packed").logits(torch.tensor([[1, 2, 3]])).isfinite(),
         torch.ones(1, 3, 260, dtype=torch.bool),
     )
+
+
+def test_table3_from_shapes_matches_the_spec_accounting():
+    """experiments/table3_sizes.py: LLaDA-8B FP16 = 16.03 GB (8.015 B parameters) and Quant-dLLM at
+    2.255 bits per weight in the blocks = 4.04 GB, the figures of algorithm.md §12.3."""
+    import importlib.util
+
+    from tests.app.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("table3", REPO / "experiments" / "table3_sizes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fp16, _ = module.model_gb("FP16")
+    daq, daq_bpw = module.model_gb("Quant-dLLM")
+    gptq, _ = module.model_gb("GPTQ")
+    assert fp16 == pytest.approx(16.03, abs=0.01) and daq == pytest.approx(4.04, abs=0.01)
+    assert daq_bpw == pytest.approx(2.255, abs=1e-3) and gptq < daq < fp16
