@@ -33,6 +33,7 @@ def quantized(family: str, cfg: dict):
         ("dream", {"method": "daq", "order": 3}),
         ("dream", {"method": "gptq", "bits": 2}),
         ("llada", {"method": "rtn", "bits": 4, "sym": True}),
+        ("dream", {"method": "slim", "bits": 2}),
     ],
 )
 def test_packed_checkpoint_round_trips_to_identical_logits(tmp_path, family, cfg):

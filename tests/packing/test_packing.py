@@ -82,6 +82,21 @@ def test_uniform_round_trip_is_exact_and_sized_like_the_accounting(problem, cfg)
     assert per_weight == pytest.approx(expected, rel=0.01)
 
 
+def test_slim_mixed_and_binarised_groups_round_trip(problem):
+    w, s = problem
+    x = torch.randn(1024, SHAPE[1], generator=torch.Generator().manual_seed(3))
+    result = quantize_weight(
+        w, s, {"method": "slim", "bits": 2, "group_size": 32}, inputs=x, return_state=True
+    )
+    bits = result.orders.tolist()
+    assert 1 in bits and 3 in bits  # binarised and 3-bit groups are present
+    tensors = pack_uniform(
+        result.weight.float(), result.state["params"], None, bits, False, result.group_size
+    )
+    assert torch.equal(unpack_uniform(tensors, False, result.group_size).to(w.dtype), result.weight)
+    assert packed_bits(tensors) / (SHAPE[0] * SHAPE[1]) == pytest.approx(result.bits_per_weight, rel=0.01)
+
+
 def test_tensors_that_disagree_with_the_shape_fail_clearly(problem):
     w, s = problem
     result = quantize_weight(w, s, {"method": "daq"}, return_state=True)

@@ -176,7 +176,7 @@ class RunConf:
     tags: list[str] = field(default_factory=list)
     seed: int = 0  # torch / numpy / random at job start
     save_model: bool = False  # write the fake-quantized checkpoint to <output_dir>/model
-    pack: bool = False  # write the packed low-bit checkpoint to <output_dir>/packed (daq, rtn, gptq, gptaq)
+    pack: bool = False  # write the packed low-bit checkpoint to <output_dir>/packed (every quantizing method)
     skip_finished: bool = True  # a job whose output dir holds an ok results.json is not rerun
     keep_checkpoints: bool = False  # keep pipeline.checkpoint_dir after the job succeeded
     print_config: bool = True

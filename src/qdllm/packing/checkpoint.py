@@ -31,7 +31,7 @@ PACKED_KEYS = {
     "bcq": ("bcq_k", "bcq_signs", "bcq_row_scale", "bcq_col_scale", "weight_shape"),
     "uniform": ("uq_bits", "uq_codes", "uq_scale", "weight_shape"),
 }
-OPTIONAL_KEYS = {"bcq": ("bcq_row_mean",), "uniform": ("uq_zero", "uq_g_idx")}
+OPTIONAL_KEYS = {"bcq": ("bcq_row_mean",), "uniform": ("uq_zero", "uq_mean", "uq_g_idx")}
 
 
 def save_quantized(

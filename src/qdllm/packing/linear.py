@@ -8,11 +8,13 @@ then the orders (P = sum_g K_g planes, n = sum_g K_g w_g plane columns):
     bcq_row_scale  fp16   (P, R)              a_p
     bcq_col_scale  fp16   (n,)                c_p of each plane, concatenated
     bcq_row_mean   fp16   (G, R)              only with row centring
-Uniform (RTN, GPTQ, GPTAQ), codes in the original column order:
-    uq_bits        int8   (G,)                bits of each group
+Uniform (RTN, GPTQ, GPTAQ, SliM-LLM), codes in the original column order:
+    uq_bits        int8   (G,)                bits of each group; 0 = a binarised 1-bit group
     uq_codes       int32  (R, ceil(sum_c bits_c / 32))   every column's code as a bit stream
-    uq_scale       fp16   (G, R)
-    uq_zero        int32  (G, ceil(R bits / 32))         zero points (asymmetric only)
+    uq_scale       fp16   (G, R)              step (binarised: the scale of mean +- scale)
+    uq_zero        int32  (ceil(R sum_g b_g / 32),)      zero points of the uniform groups, in
+                                              group order (asymmetric only)
+    uq_mean        fp16   (G_binary, R)       row means of the binarised groups
     uq_g_idx       int32  (C,)                group of each column, when not c // group_size
 Both: weight_shape int32 (2,). This is the exact layout of the spec's BCQ format (ecosystem.md
 §3.3) without its padding to 128 columns, so the file size equals the reported bits per weight up to
@@ -23,10 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from qdllm.packing.bits import pack_bits, pack_codes, unpack_bits, unpack_codes
+from qdllm.packing.bits import pack_bits, unpack_bits
 from qdllm.quant.daq import BinaryCode
 from qdllm.quant.groups import group_slices
-from qdllm.quant.uniform import UniformParams
 
 
 class PackedFormatError(ValueError):
@@ -92,53 +93,60 @@ def unpack_daq(tensors: dict, group_size: int) -> torch.Tensor:
     return weight
 
 
+def _is_binary(params) -> bool:
+    return hasattr(params, "mean")
+
+
 def pack_uniform(
     weight_q: torch.Tensor,
-    params: list[UniformParams],
+    params: list,
     g_idx: torch.Tensor | None,
     bits: list[int],
     sym: bool,
     group_size: int,
 ) -> dict:
-    """`weight_q` (R, C) the fake-quantized weight; `params` one grid per group; `g_idx` (C,) the
-    group of each column (None: c // group_size)."""
+    """`weight_q` (R, C) the fake-quantized weight; `params` one grid per group (`UniformParams`,
+    or SliM-LLM's binarised `BinaryParams`); `bits` per group; `g_idx` (C,) the group of each column
+    (None: c // group_size)."""
     rows, cols = weight_q.shape
-    if len(set(bits)) != 1:
-        raise PackedFormatError("mixed bit widths per group (SliM-LLM) are not packable yet")
     contiguous = torch.arange(cols) // group_size
     g_idx = contiguous if g_idx is None else g_idx.to(torch.int64).cpu()
-    codes, code_bits = [], []
+    binary = [_is_binary(p) for p in params]
+    chunks = []
     for c in range(cols):
-        p = params[int(g_idx[c])]
-        codes.append(p.quantize(weight_q[:, c].float()).to(torch.int64))
-        code_bits.append(bits[int(g_idx[c])])
-    stream = torch.cat(
-        [
-            ((code.unsqueeze(-1) >> torch.arange(b)) & 1).bool()
-            for code, b in zip(codes, code_bits, strict=True)
-        ],
-        dim=1,
-    )
+        g = int(g_idx[c])
+        column = weight_q[:, c].float()
+        if binary[g]:
+            code = (column >= params[g].mean).to(torch.int64)
+        else:
+            code = params[g].quantize(column).to(torch.int64)
+        chunks.append(((code.unsqueeze(-1) >> torch.arange(bits[g])) & 1).bool())
     out = {
-        "uq_bits": torch.tensor(bits, dtype=torch.int8),
-        "uq_codes": pack_bits(stream),
+        "uq_bits": torch.tensor([0 if b else n for b, n in zip(binary, bits, strict=True)], dtype=torch.int8),
+        "uq_codes": pack_bits(torch.cat(chunks, dim=1)),
         "uq_scale": torch.stack([p.scale for p in params]).to(torch.float16),
         "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
     }
-    if not sym:
-        out["uq_zero"] = (
-            torch.stack([pack_codes(p.zero.to(torch.int64), b) for p, b in zip(params, bits, strict=True)])
-            if len(set(bits)) == 1
-            else None
+    uniform = [(p, n) for p, n, b in zip(params, bits, binary, strict=True) if not b]
+    if not sym and uniform:
+        stream = torch.cat(
+            [((p.zero.to(torch.int64).unsqueeze(-1) >> torch.arange(n)) & 1).reshape(-1) for p, n in uniform]
+        )
+        out["uq_zero"] = pack_bits(stream.bool())
+    if any(binary):
+        out["uq_mean"] = torch.stack([p.mean for p, b in zip(params, binary, strict=True) if b]).to(
+            torch.float16
         )
     if not torch.equal(g_idx, contiguous):
         out["uq_g_idx"] = g_idx.to(torch.int32)
-    return {k: v for k, v in out.items() if v is not None}
+    return out
 
 
 def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
+    """Inverse of `pack_uniform` (uq_bits 0 marks a binarised group: 1 code bit, mean + scale)."""
     rows, cols = (int(x) for x in tensors["weight_shape"])
-    bits = tensors["uq_bits"].tolist()
+    kinds = tensors["uq_bits"].tolist()
+    bits = [max(b, 1) for b in kinds]
     g_idx = tensors.get("uq_g_idx")
     g_idx = (torch.arange(cols) // group_size) if g_idx is None else g_idx.to(torch.int64)
     if int(g_idx.max()) >= len(bits) or tensors["uq_scale"].shape != (len(bits), rows):
@@ -150,17 +158,29 @@ def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
     stream = unpack_bits(tensors["uq_codes"], int(col_bits.sum())).to(torch.int64)
     offsets = torch.cumsum(col_bits, 0) - col_bits
     scale = tensors["uq_scale"].float()
+    zeros, means = {}, {}
+    zero_bits = (
+        unpack_bits(tensors["uq_zero"], rows * sum(b for b in kinds if b)) if "uq_zero" in tensors else None
+    )
+    position, binary_index = 0, 0
+    for g, b in enumerate(kinds):
+        if b == 0:
+            means[g] = tensors["uq_mean"][binary_index].float()
+            binary_index += 1
+        elif sym:
+            zeros[g] = torch.full((rows,), (2**b) / 2)
+        else:
+            chunk = zero_bits[position : position + rows * b].view(rows, b).to(torch.int64)
+            zeros[g] = (chunk << torch.arange(b)).sum(-1).float()
+            position += rows * b
     weight = torch.empty(rows, cols, dtype=torch.float32)
     for c in range(cols):
         b, start, g = int(col_bits[c]), int(offsets[c]), int(g_idx[c])
         code = (stream[:, start : start + b] << torch.arange(b)).sum(-1).float()
-        maxq = 2**b - 1
-        zero = (
-            torch.full((rows,), (maxq + 1) / 2)
-            if sym
-            else unpack_codes(tensors["uq_zero"][g], rows, b).float()
-        )
-        weight[:, c] = scale[g] * (code - zero)
+        if kinds[g] == 0:
+            weight[:, c] = means[g] + scale[g] * torch.where(code > 0, 1.0, -1.0)
+        else:
+            weight[:, c] = scale[g] * (code - zeros[g])
     return weight
 
 
@@ -168,13 +188,10 @@ def pack_result(result, quant, shape: tuple[int, int]) -> tuple[str, dict[str, t
     """(kind, tensors) of one `quantize_weight(..., return_state=True)` result; `quant` its QuantSpec."""
     if result.method == "daq":
         return "bcq", pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
-    if result.method in ("rtn", "gptq", "gptaq"):
+    if result.method in ("rtn", "gptq", "gptaq", "slim"):
         params = result.state["params"]
-        bits = [quant.bits] * len(params)
+        bits = result.orders.tolist() if result.method == "slim" else [quant.bits] * len(params)
         return "uniform", pack_uniform(
             result.weight.float(), params, result.state.get("g_idx"), bits, quant.sym, result.group_size
         )
-    raise PackedFormatError(
-        f"quant.method={result.method!r} has no packed format yet (packable: daq, rtn, gptq, gptaq); "
-        "run without pipeline.pack"
-    )
+    raise PackedFormatError(f"quant.method={result.method!r} has no packed format; run without pipeline.pack")
