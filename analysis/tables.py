@@ -19,11 +19,14 @@ PARTS = {
     "c": ("daq_component", "DAQ component"),
     "d": ("config.calib.nsamples", "Calib. data size"),
 }
+PAPER_TABLE3_GB = {"FP": 16.09, "GPTQ": 3.70, "SliM-LLM": 3.72, "Quant-dLLM": 3.69}  # LLaDA-8B-Base
 DAQ_COMPONENTS = {(False, False): "baseline", (True, False): "RSR w/o DOR", (True, True): "RSR w/ DOR"}
 
 
 def _ok(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs["status"] == "ok"].copy()
+    """Finished runs, newest first (tables keep the newest run of a repeated configuration)."""
+    ok = runs[runs["status"] == "ok"]
+    return ok.sort_values("run.end", ascending=False, kind="stable") if "run.end" in ok else ok.copy()
 
 
 def prefer_experiment(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
@@ -58,7 +61,7 @@ def _ordered(frame: pd.DataFrame, levels: list[str]) -> pd.DataFrame:
         order = rank.get(column.name)
         return column.map(lambda v: (order.get(v, len(order)), str(v))) if order else column
 
-    return frame.sort_values(levels, key=key)
+    return frame.sort_values(levels, key=key, kind="stable")
 
 
 def table1(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
@@ -73,7 +76,8 @@ def table1(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
         if column in runs.columns:
             columns[column] = task
     table = _ordered(runs, ["model", "label"])[["model", "label", *columns]].rename(columns=columns)
-    table = table.rename(columns={"label": "method"}).set_index(["model", "method"])
+    table = table.rename(columns={"label": "method"}).drop_duplicates(["model", "method"])
+    table = table.set_index(["model", "method"])
     table["avg"] = table.mean(axis=1)
     return table
 
@@ -115,6 +119,14 @@ def table3(runs: pd.DataFrame) -> pd.DataFrame:
         "quant.bits_per_weight": "bits_with_scales",
         "quant.model_size_gb": "memory_gb",
     }
+    if "quant.packed_bytes.total" in runs.columns:
+        runs = runs.assign(**{"quant.packed_gb": runs["quant.packed_bytes.total"] / 1e9})
+        columns["quant.packed_gb"] = "packed_gb"
     table = _ordered(runs, ["model", "label"])[["model", "label", *columns]]
     table = table.rename(columns={"label": "method", **columns})
+    paper = [
+        PAPER_TABLE3_GB.get(m) if model == "llada_base" else None
+        for model, m in zip(table["model"], table["method"])
+    ]
+    table["paper_gb"] = paper
     return table.drop_duplicates(["model", "method"]).set_index(["model", "method"])

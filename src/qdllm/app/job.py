@@ -125,7 +125,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             "abmp_ratio": specs.quant.abmp_ratio if specs.quant.method == "daq" else 0.0,
             "abmp_scope": specs.quant.abmp_scope,
         }
-        if cfg.pack:
+        if cfg.pack and specs.quant.method == "none":
+            record["artifacts"]["packed"] = "not written: quant.method=none has nothing to pack"
+        elif cfg.pack:
             with _timed(timing, "save_packed"):
                 sizes = save_quantized(
                     dllm,

@@ -23,7 +23,7 @@ from qdllm.pipeline.quantize import PipelineSpec
 from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
 
 LOGGERS = ("none", "wandb")
-PACKABLE = ("daq", "rtn", "gptq", "gptaq", "slim")
+PACKABLE = ("none", "daq", "rtn", "gptq", "gptaq", "slim")  # none: nothing to pack, recorded as such
 WANDB_MODES = ("offline", "online", "disabled")
 
 
