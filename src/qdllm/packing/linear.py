@@ -28,6 +28,7 @@ import torch
 from qdllm.packing.bits import pack_bits, unpack_bits
 from qdllm.quant.daq import BinaryCode
 from qdllm.quant.groups import group_slices
+from qdllm.quant.uniform import UniformParams
 
 
 class PackedFormatError(ValueError):
@@ -97,6 +98,13 @@ def _is_binary(params) -> bool:
     return hasattr(params, "mean")
 
 
+def _bit_positions(col_bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b_max, C) stream position of bit j of column c and whether column c has a bit j."""
+    offsets = torch.cumsum(col_bits, 0) - col_bits
+    planes = torch.arange(int(col_bits.max()))[:, None]
+    return offsets[None, :] + planes, planes < col_bits[None, :]
+
+
 def pack_uniform(
     weight_q: torch.Tensor,
     params: list,
@@ -112,29 +120,36 @@ def pack_uniform(
     contiguous = torch.arange(cols) // group_size
     g_idx = contiguous if g_idx is None else g_idx.to(torch.int64).cpu()
     binary = [_is_binary(p) for p in params]
-    chunks = []
-    for c in range(cols):
-        g = int(g_idx[c])
-        column = weight_q[:, c].float()
+    weight_q = weight_q.float().cpu()
+    codes = torch.empty(rows, cols, dtype=torch.int64)
+    for g, p in enumerate(params):
+        columns = (g_idx == g).nonzero()[:, 0]
+        block = weight_q[:, columns]
         if binary[g]:
-            code = (column >= params[g].mean).to(torch.int64)
+            codes[:, columns] = (block >= p.mean.cpu().unsqueeze(1)).to(torch.int64)
         else:
-            code = params[g].quantize(column).to(torch.int64)
-        chunks.append(((code.unsqueeze(-1) >> torch.arange(bits[g])) & 1).bool())
+            cpu = UniformParams(p.scale.cpu(), p.zero.cpu(), p.maxq)
+            codes[:, columns] = cpu.quantize(block).to(torch.int64)
+    col_bits = torch.tensor(bits)[g_idx]
+    position, valid = _bit_positions(col_bits)
+    stream = torch.zeros(rows, int(col_bits.sum()), dtype=torch.bool)
+    planes = (codes.unsqueeze(1) >> torch.arange(position.shape[0])[None, :, None]) & 1  # (R, b_max, C)
+    stream[:, position[valid]] = planes[:, valid].bool()
     out = {
         "uq_bits": torch.tensor([0 if b else n for b, n in zip(binary, bits, strict=True)], dtype=torch.int8),
-        "uq_codes": pack_bits(torch.cat(chunks, dim=1)),
-        "uq_scale": torch.stack([p.scale for p in params]).to(torch.float16),
+        "uq_codes": pack_bits(stream),
+        "uq_scale": torch.stack([p.scale.cpu() for p in params]).to(torch.float16),
         "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
     }
     uniform = [(p, n) for p, n, b in zip(params, bits, binary, strict=True) if not b]
     if not sym and uniform:
-        stream = torch.cat(
-            [((p.zero.to(torch.int64).unsqueeze(-1) >> torch.arange(n)) & 1).reshape(-1) for p, n in uniform]
-        )
-        out["uq_zero"] = pack_bits(stream.bool())
+        zero_bits = [
+            ((p.zero.cpu().to(torch.int64).unsqueeze(-1) >> torch.arange(n)) & 1).reshape(-1)
+            for p, n in uniform
+        ]
+        out["uq_zero"] = pack_bits(torch.cat(zero_bits).bool())
     if any(binary):
-        out["uq_mean"] = torch.stack([p.mean for p, b in zip(params, binary, strict=True) if b]).to(
+        out["uq_mean"] = torch.stack([p.mean.cpu() for p, b in zip(params, binary, strict=True) if b]).to(
             torch.float16
         )
     if not torch.equal(g_idx, contiguous):
@@ -146,42 +161,40 @@ def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
     """Inverse of `pack_uniform` (uq_bits 0 marks a binarised group: 1 code bit, mean + scale)."""
     rows, cols = (int(x) for x in tensors["weight_shape"])
     kinds = tensors["uq_bits"].tolist()
-    bits = [max(b, 1) for b in kinds]
+    bits = torch.tensor([max(b, 1) for b in kinds])
     g_idx = tensors.get("uq_g_idx")
-    g_idx = (torch.arange(cols) // group_size) if g_idx is None else g_idx.to(torch.int64)
-    if int(g_idx.max()) >= len(bits) or tensors["uq_scale"].shape != (len(bits), rows):
+    g_idx = (torch.arange(cols) // group_size) if g_idx is None else g_idx.to(torch.int64).cpu()
+    if int(g_idx.max()) >= len(kinds) or tensors["uq_scale"].shape != (len(kinds), rows):
         raise PackedFormatError(
             f"packed uniform tensors do not fit weight_shape {rows}x{cols} and group_size {group_size}: "
-            f"{len(bits)} groups in uq_bits, uq_scale {tuple(tensors['uq_scale'].shape)}"
+            f"{len(kinds)} groups in uq_bits, uq_scale {tuple(tensors['uq_scale'].shape)}"
         )
-    col_bits = torch.tensor([bits[int(g)] for g in g_idx])
-    stream = unpack_bits(tensors["uq_codes"], int(col_bits.sum())).to(torch.int64)
-    offsets = torch.cumsum(col_bits, 0) - col_bits
-    scale = tensors["uq_scale"].float()
-    zeros, means = {}, {}
-    zero_bits = (
-        unpack_bits(tensors["uq_zero"], rows * sum(b for b in kinds if b)) if "uq_zero" in tensors else None
-    )
-    position, binary_index = 0, 0
+    col_bits = bits[g_idx]
+    stream = unpack_bits(tensors["uq_codes"].cpu(), int(col_bits.sum())).to(torch.int64)
+    position, valid = _bit_positions(col_bits)
+    gathered = stream[:, position.clamp_max(stream.shape[1] - 1)] * valid  # (R, b_max, C)
+    codes = (gathered << torch.arange(position.shape[0])[None, :, None]).sum(1).float()
+    scale = tensors["uq_scale"].float().cpu()  # (G, R)
+    offset = torch.zeros(len(kinds), rows)  # zero point per group (uniform) or row mean (binarised)
+    zero_bits = None
+    if "uq_zero" in tensors:
+        zero_bits = unpack_bits(tensors["uq_zero"].cpu(), rows * sum(b for b in kinds if b)).to(torch.int64)
+    position_z, binary_index = 0, 0
     for g, b in enumerate(kinds):
         if b == 0:
-            means[g] = tensors["uq_mean"][binary_index].float()
+            offset[g] = tensors["uq_mean"][binary_index].float().cpu()
             binary_index += 1
         elif sym:
-            zeros[g] = torch.full((rows,), (2**b) / 2)
+            offset[g] = 2**b / 2
         else:
-            chunk = zero_bits[position : position + rows * b].view(rows, b).to(torch.int64)
-            zeros[g] = (chunk << torch.arange(b)).sum(-1).float()
-            position += rows * b
-    weight = torch.empty(rows, cols, dtype=torch.float32)
-    for c in range(cols):
-        b, start, g = int(col_bits[c]), int(offsets[c]), int(g_idx[c])
-        code = (stream[:, start : start + b] << torch.arange(b)).sum(-1).float()
-        if kinds[g] == 0:
-            weight[:, c] = means[g] + scale[g] * torch.where(code > 0, 1.0, -1.0)
-        else:
-            weight[:, c] = scale[g] * (code - zeros[g])
-    return weight
+            chunk = zero_bits[position_z : position_z + rows * b].view(rows, b)
+            offset[g] = (chunk << torch.arange(b)).sum(-1).float()
+            position_z += rows * b
+    is_binary = torch.tensor([b == 0 for b in kinds])[g_idx]  # (C,)
+    scale_cols, offset_cols = scale[g_idx].T, offset[g_idx].T  # (R, C)
+    uniform = scale_cols * (codes - offset_cols)
+    binarised = offset_cols + scale_cols * (2 * codes - 1)
+    return torch.where(is_binary[None, :], binarised, uniform)
 
 
 def pack_result(result, quant, shape: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
