@@ -133,8 +133,8 @@ def pack_uniform(
     col_bits = torch.tensor(bits)[g_idx]
     position, valid = _bit_positions(col_bits)
     stream = torch.zeros(rows, int(col_bits.sum()), dtype=torch.bool)
-    planes = (codes.unsqueeze(1) >> torch.arange(position.shape[0])[None, :, None]) & 1  # (R, b_max, C)
-    stream[:, position[valid]] = planes[:, valid].bool()
+    for j in range(position.shape[0]):  # bit j of every column that has one
+        stream[:, position[j, valid[j]]] = ((codes[:, valid[j]] >> j) & 1).bool()
     out = {
         "uq_bits": torch.tensor([0 if b else n for b, n in zip(binary, bits, strict=True)], dtype=torch.int8),
         "uq_codes": pack_bits(stream),
@@ -172,8 +172,10 @@ def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
     col_bits = bits[g_idx]
     stream = unpack_bits(tensors["uq_codes"].cpu(), int(col_bits.sum())).to(torch.int64)
     position, valid = _bit_positions(col_bits)
-    gathered = stream[:, position.clamp_max(stream.shape[1] - 1)] * valid  # (R, b_max, C)
-    codes = (gathered << torch.arange(position.shape[0])[None, :, None]).sum(1).float()
+    codes = torch.zeros(rows, cols, dtype=torch.int64)
+    for j in range(position.shape[0]):
+        codes[:, valid[j]] |= stream[:, position[j, valid[j]]] << j
+    codes = codes.float()
     scale = tensors["uq_scale"].float().cpu()  # (G, R)
     offset = torch.zeros(len(kinds), rows)  # zero point per group (uniform) or row mean (binarised)
     zero_bits = None
