@@ -115,3 +115,19 @@ def test_table3_from_shapes_matches_the_spec_accounting():
     gptq, _ = module.model_gb("GPTQ")
     assert fp16 == pytest.approx(16.03, abs=0.01) and daq == pytest.approx(4.04, abs=0.01)
     assert daq_bpw == pytest.approx(2.255, abs=1e-3) and gptq < daq < fp16
+
+
+@pytest.mark.parametrize("cfg", [{"method": "daq", "abmp_ratio": 0.3}, {"method": "gptq", "bits": 3}])
+def test_transformers_from_pretrained_loads_a_packed_dream(tmp_path, cfg):
+    """After `import qdllm`, transformers builds the Qwen2 model with QuantizedLinears itself."""
+    from transformers import AutoModelForCausalLM
+
+    from qdllm.models.registry import wrap_model
+
+    dllm, report, windows = quantized("dream", cfg)
+    save_quantized(dllm, report.packed, tmp_path / "ck", {"group_size": 16, "sym": False})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 14
+    assert model.model.layers[0].self_attn.q_proj.packed()["weight_shape"].dtype == torch.int32
+    loaded = wrap_model("dream", model, dllm.tokenizer, dllm.mask_token_id, "loaded")
+    assert torch.equal(loaded.logits(windows[:2]), dllm.logits(windows[:2]))

@@ -71,6 +71,14 @@ def save_quantized(
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "modules": {name: kind for name, (kind, _) in packed.items()},
+        # shapes and dtypes of every packed tensor: transformers allocates them before loading
+        "tensors": {
+            name: {
+                key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                for key, t in parts.items()
+            }
+            for name, (_, parts) in packed.items()
+        },
         "modules_to_not_convert": sorted({k.rsplit(".", 1)[0] for k in state if k not in replaced}),
         "dtype": str(dllm.dtype).removeprefix("torch."),
         **quantization,

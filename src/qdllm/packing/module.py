@@ -23,6 +23,7 @@ class QuantizedLinear(nn.Module):
         sym: bool = False,
         bias: torch.Tensor | None = None,
         cache: bool = False,
+        shape: tuple[int, int] | None = None,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -30,7 +31,8 @@ class QuantizedLinear(nn.Module):
         self.kind, self.group_size, self.sym, self.dtype, self.cache = kind, group_size, sym, dtype, cache
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
-        self.out_features, self.in_features = (int(x) for x in tensors["weight_shape"])
+        # `shape` (out, in) when the tensors are still empty placeholders (meta device)
+        self.out_features, self.in_features = shape or tuple(int(x) for x in tensors["weight_shape"])
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self._dequantized: torch.Tensor | None = None
 
