@@ -94,6 +94,7 @@ def test_run_py_pack_writes_the_checkpoint_and_its_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = read_record(tmp_path)
     assert record["artifacts"]["packed"] == "packed" and record["quant"]["packed_bytes"]["total"] > 0
+    assert "| ppl | ppl |" in (tmp_path / "packed" / "README.md").read_text()  # the card has the scores
     assert torch.equal(
         qdllm.load_quantized(tmp_path / "packed").logits(torch.tensor([[1, 2, 3]])).isfinite(),
         torch.ones(1, 3, 260, dtype=torch.bool),

@@ -125,6 +125,13 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             "abmp_ratio": specs.quant.abmp_ratio if specs.quant.method == "daq" else 0.0,
             "abmp_scope": specs.quant.abmp_scope,
         }
+        if cfg.save_model:
+            with _timed(timing, "save_model"):
+                save_dllm(dllm, output_dir / "model")
+            record["artifacts"]["model"] = "model"
+        with _timed(timing, "eval"):
+            record["eval"] = evaluate(dllm, specs.eval)
+        # packed after the evaluation, so that the model card carries the scores
         if cfg.pack and specs.quant.method == "none":
             record["artifacts"]["packed"] = "not written: quant.method=none has nothing to pack"
         elif cfg.pack:
@@ -134,16 +141,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
                     report.packed,
                     output_dir / "packed",
                     _packed_provenance(specs, record),
-                    {"base_model": specs.model.source, "config": record["config"]},
+                    {"base_model": specs.model.source, "config": record["config"], "eval": record["eval"]},
                 )
             record["quant"]["packed_bytes"] = sizes
             record["artifacts"]["packed"] = "packed"
-        if cfg.save_model:
-            with _timed(timing, "save_model"):
-                save_dllm(dllm, output_dir / "model")
-            record["artifacts"]["model"] = "model"
-        with _timed(timing, "eval"):
-            record["eval"] = evaluate(dllm, specs.eval)
         record["status"] = "ok"
         if not cfg.keep_checkpoints and specs.pipeline.checkpoint_dir:
             shutil.rmtree(specs.pipeline.checkpoint_dir, ignore_errors=True)
