@@ -19,12 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from qdllm.errors import ConfigError
-from qdllm.eval.likelihood import request_seed
-from qdllm.eval.sampler import GenSpec, generate
+from qdllm.eval.sampler import GenSpec, answer
 from qdllm.models.base import DiffusionLM
 
 HUMANEVAL_SIZE, MBPP_TEST_SIZE = 164, 500
@@ -104,18 +102,12 @@ def mbpp_program(doc: dict[str, Any], completion: str) -> str:
     return "\n".join([setup, completion, *doc["test_list"]]) + "\n"
 
 
-def _complete(dllm: DiffusionLM, prompt: str, spec: GenSpec, seed: int) -> str:
-    ids = dllm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    generator = torch.Generator().manual_seed(request_seed(seed, prompt))
-    return dllm.tokenizer.decode(generate(dllm, ids, spec, generator), skip_special_tokens=True)
-
-
 def evaluate_humaneval(
     dllm: DiffusionLM, docs: list[dict[str, Any]], spec: GenSpec, seed: int, timeout: float
 ) -> dict[str, float]:
     solved = 0
     for doc in tqdm(docs, desc="HumanEval"):
-        completion = truncate(_complete(dllm, doc["prompt"], spec, seed), HUMANEVAL_STOPS)
+        completion = truncate(answer(dllm, doc["prompt"], spec, seed), HUMANEVAL_STOPS)
         solved += passes(humaneval_program(doc, completion), timeout)
     return {"pass@1": solved / len(docs), "n": float(len(docs))}
 
@@ -130,6 +122,6 @@ def evaluate_mbpp(
 ) -> dict[str, float]:
     solved = 0
     for doc in tqdm(docs, desc="MBPP"):
-        completion = truncate(_complete(dllm, mbpp_prompt(doc, shots), spec, seed), ("[DONE]",))
+        completion = truncate(answer(dllm, mbpp_prompt(doc, shots), spec, seed), ("[DONE]",))
         solved += passes(mbpp_program(doc, completion), timeout)
     return {"pass@1": solved / len(docs), "n": float(len(docs))}

@@ -47,6 +47,11 @@ class MCSpec:
         return self
 
 
+def family_estimator(family: str) -> str:
+    """LLaDA's exact-count estimator for LLaDA; the Dream recipe for Dream and AR-initialised dLLMs."""
+    return "llada" if family == "llada" else "dream"
+
+
 def request_seed(seed: int, *parts: str) -> int:
     """A 63-bit seed from the global seed and the request's text (common random numbers)."""
     digest = hashlib.sha256("\x1f".join([str(seed), *parts]).encode()).digest()

@@ -15,8 +15,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from qdllm.eval.likelihood import MCSpec, mc_loglikelihood, request_seed
-from qdllm.eval.sampler import GenSpec, generate
+from qdllm.eval.likelihood import MCSpec, family_estimator, mc_loglikelihood, request_seed
+from qdllm.eval.sampler import GenSpec, complete
 from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import ModelSpec, load_dllm
 
@@ -47,8 +47,7 @@ class DiffusionEvalLM(TemplateLM):
         super().__init__()
         self.dllm = dllm
         self.tokenizer = dllm.tokenizer
-        default_estimator = "llada" if dllm.family == "llada" else "dream"
-        self.mc = (mc or MCSpec(estimator=default_estimator)).validated()
+        self.mc = (mc or MCSpec(estimator=family_estimator(dllm.family))).validated()
         self.gen = (gen or GenSpec()).validated()
         self.seed = seed
         self.max_length = max_length
@@ -73,8 +72,7 @@ class DiffusionEvalLM(TemplateLM):
         mc = {k: args.pop(k) for k in list(args) if k in MCSpec.__dataclass_fields__}
         gen = {k: args.pop(k) for k in list(args) if k in GenSpec.__dataclass_fields__}
         dllm = load_dllm(model)
-        family_default = "llada" if dllm.family == "llada" else "dream"
-        return cls(dllm, MCSpec(**{"estimator": family_default, **mc}), GenSpec(**gen), **args)
+        return cls(dllm, MCSpec(**{"estimator": family_estimator(dllm.family), **mc}), GenSpec(**gen), **args)
 
     @property
     def eot_token_id(self) -> int:
@@ -91,9 +89,6 @@ class DiffusionEvalLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
-
-    def tok_decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
@@ -136,8 +131,7 @@ class DiffusionEvalLM(TemplateLM):
             length = min(self.gen.gen_length, int(gen_kwargs.get("max_gen_toks", self.gen.gen_length)))
             spec = _fit(self.gen, length)
             prompt = self.tok_encode(context)[-(self.max_length - spec.gen_length) :]
-            generator = torch.Generator().manual_seed(request_seed(self.seed, context))
-            text = self.tok_decode(generate(self.dllm, prompt, spec, generator))
+            text = complete(self.dllm, prompt, spec, request_seed(self.seed, context))
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

@@ -15,12 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from qdllm.errors import ConfigError
-from qdllm.eval.likelihood import request_seed
-from qdllm.eval.sampler import GenSpec, generate
+from qdllm.eval.sampler import GenSpec, answer
 from qdllm.models.base import DiffusionLM
 
 SUBJECTS = (
@@ -115,8 +113,6 @@ def evaluate_math(
     """exact_match over `docs` (fraction of problems whose normalised answer matches) and `n`."""
     correct = 0
     for doc in tqdm(docs, desc="MATH"):
-        prompt = dllm.tokenizer(doc["query"], add_special_tokens=False)["input_ids"]
-        generator = torch.Generator().manual_seed(request_seed(seed, doc["query"]))
-        text = dllm.tokenizer.decode(generate(dllm, prompt, spec, generator), skip_special_tokens=True)
+        text = answer(dllm, doc["query"], spec, seed)
         correct += is_correct(text.split(STOP)[0], doc["solution"])
     return {"exact_match": correct / len(docs), "n": float(len(docs))}

@@ -17,7 +17,7 @@ from typing import Any
 from qdllm.atomic import write_json_atomic
 from qdllm.errors import ConfigError, require
 from qdllm.eval.code_task import evaluate_humaneval, evaluate_mbpp, load_humaneval, load_mbpp
-from qdllm.eval.likelihood import MCSpec
+from qdllm.eval.likelihood import MCSpec, family_estimator
 from qdllm.eval.math_task import evaluate_math, load_math_docs
 from qdllm.eval.ppl import elbo_perplexity, ppl_windows
 from qdllm.eval.sampler import GenSpec
@@ -55,9 +55,7 @@ BUILTIN_TASKS = tuple(BUILTIN)
 
 
 def _mc_spec(eval_cfg: Any, family: str) -> MCSpec:
-    estimator = (
-        eval_cfg.estimator if eval_cfg.estimator != "auto" else ("llada" if family == "llada" else "dream")
-    )
+    estimator = eval_cfg.estimator if eval_cfg.estimator != "auto" else family_estimator(family)
     return MCSpec(estimator=estimator, mc_num=eval_cfg.mc_num, mc_batch=eval_cfg.mc_batch, cfg=eval_cfg.cfg)
 
 

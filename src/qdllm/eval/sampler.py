@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from qdllm.errors import require
-from qdllm.eval.likelihood import guided_logits
+from qdllm.eval.likelihood import guided_logits, request_seed
 from qdllm.models.base import DiffusionLM
 
 DREAM_ALGS = ("entropy", "maskgit_plus", "topk_margin")
@@ -121,6 +121,19 @@ def dream_generate(dllm: DiffusionLM, prompt: list[int], spec: GenSpec, gen: tor
         chosen = confidence.topk(n_commit).indices
         x[0, masked[chosen]] = x0[chosen]
     return x[0, start:].tolist()
+
+
+def complete(dllm: DiffusionLM, prompt: list[int], spec: GenSpec, seed: int) -> str:
+    """The decoded answer (special tokens dropped) to `prompt` ids, sampled from a generator seeded
+    with `seed` (callers derive it from the request: common random numbers across models)."""
+    answer = generate(dllm, prompt, spec, torch.Generator().manual_seed(seed))
+    return dllm.tokenizer.decode(answer, skip_special_tokens=True)
+
+
+def answer(dllm: DiffusionLM, prompt: str, spec: GenSpec, seed: int) -> str:
+    """`complete` for a text prompt, seeded from the global `seed` and the prompt itself."""
+    ids = dllm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return complete(dllm, ids, spec, request_seed(seed, prompt))
 
 
 def generate(dllm: DiffusionLM, prompt: list[int], spec: GenSpec, gen: torch.Generator) -> list[int]:

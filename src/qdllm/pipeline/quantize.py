@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from qdllm.atomic import write_json_atomic
 from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
 from qdllm.packing.linear import pack_result
@@ -117,12 +118,6 @@ def _fingerprint(quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM, pack
     return h.hexdigest()[:16]
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def quantize_model(
     dllm: DiffusionLM, states: torch.Tensor, quant_cfg: Any, spec: PipelineSpec | None = None
@@ -169,7 +164,7 @@ def quantize_model(
                 f"pipeline.checkpoint_dir={ckpt} holds a run with another config or calibration set; "
                 "use a fresh directory"
             )
-        _atomic_json(manifest, {"fingerprint": fingerprint})
+        write_json_atomic(manifest, {"fingerprint": fingerprint})
 
     blocks = dllm.blocks()
     names = dllm.module_names()
@@ -306,7 +301,7 @@ def _save_block(block, dllm, ckpt: Path, b: int, rows: list[dict], packed: dict)
         tmp = ckpt / f"block_{b:04d}.packed.safetensors.tmp"
         save_file(flat, str(tmp), metadata={"kinds": json.dumps(kinds)})
         os.replace(tmp, ckpt / f"block_{b:04d}.packed.safetensors")
-    _atomic_json(ckpt / f"block_{b:04d}.json", rows)  # written last: marks the block finished
+    write_json_atomic(ckpt / f"block_{b:04d}.json", rows)  # written last: marks the block finished
 
 
 def _load_packed(ckpt: Path, b: int) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
