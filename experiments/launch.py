@@ -9,6 +9,11 @@ worker per GPU (CUDA_VISIBLE_DEVICES) or `--workers` CPU processes. A failing jo
     python experiments/launch.py table2b_abmp --gpus 0,1,2,3
     python experiments/launch.py table2b_abmp_tiny --workers 2
     python experiments/launch.py table1 --gpus 0,1 --dry-run
+    python experiments/launch.py smol_table1,smol_table2b_abmp --gpus 0,0,0,0 --sweep-dir logs/smol
+
+Several experiments (comma-separated) share one job queue; with `--sweep-dir D` each one's jobs go
+under `D/<task name>`. A GPU id may repeat: `--gpus 0,0,0` runs three jobs at a time on GPU 0,
+which keeps a small model's GPU busy.
 """
 
 from __future__ import annotations
@@ -57,24 +62,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", help="a config name under conf/experiment/")
+    parser.add_argument("experiment", help="config names under conf/experiment/, comma-separated")
     parser.add_argument(
         "overrides", nargs="*", help="extra overrides for every job, e.g. calib.mode=stratified"
     )
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids, one worker each")
     parser.add_argument("--workers", type=int, default=1, help="CPU workers when --gpus is empty")
-    parser.add_argument("--sweep-dir", type=Path, help="reuse to resume; default logs/<task>/launches/<time>")
+    parser.add_argument(
+        "--sweep-dir", type=Path, help="reuse to resume; default logs/<task>/launches/<time> per experiment"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and exit")
     args = parser.parse_args()
 
-    jobs, task = expand_grid(args.experiment, args.overrides)
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    sweep_dir = args.sweep_dir or REPO / "logs" / task / "launches" / stamp
     slots = [{"CUDA_VISIBLE_DEVICES": g} for g in args.gpus.split(",") if g] or [{}] * args.workers
     queue: Queue = Queue()
-    for num, overrides in enumerate(jobs):
-        queue.put((num, overrides))
-        print(f"#{num}: {' '.join(overrides)}")
+    total = 0
+    for experiment in args.experiment.split(","):
+        jobs, task = expand_grid(experiment, args.overrides)
+        sweep_dir = args.sweep_dir / task if args.sweep_dir else REPO / "logs" / task / "launches" / stamp
+        for num, overrides in enumerate(jobs):
+            queue.put((experiment, num, overrides, sweep_dir / job_dir_name(num, overrides)))
+            print(f"{experiment} #{num}: {' '.join(overrides)}")
+        total += len(jobs)
     if args.dry_run:
         return 0
     failures: list[int] = []
@@ -82,14 +92,13 @@ def main() -> int:
     def worker(slot_env: dict[str, str]) -> None:
         while True:
             try:
-                num, overrides = queue.get_nowait()
+                experiment, num, overrides, out = queue.get_nowait()
             except Empty:
                 return
-            out = sweep_dir / job_dir_name(num, overrides)
             command = [
                 sys.executable,
                 str(REPO / "run.py"),
-                f"experiment={args.experiment}",
+                f"experiment={experiment}",
                 "hydra.mode=RUN",
                 f"hydra.run.dir='{out}'",  # quoted: the name holds '=' and ','
                 *args.overrides,
@@ -100,9 +109,8 @@ def main() -> int:
                 code = subprocess.call(
                     command, cwd=REPO, env={**os.environ, **slot_env}, stdout=log, stderr=log
                 )
-            print(
-                f"#{num} {'ok' if code == 0 else f'FAILED (exit {code}, see {out}/launch.log)'}", flush=True
-            )
+            status = "ok" if code == 0 else f"FAILED (exit {code}, see {out}/launch.log)"
+            print(f"{experiment} #{num} {status}", flush=True)
             if code:
                 failures.append(num)
 
@@ -111,7 +119,7 @@ def main() -> int:
         thread.start()
     for thread in threads:
         thread.join()
-    print(f"{len(jobs) - len(failures)} ok, {len(failures)} failed; results under {sweep_dir}")
+    print(f"{total - len(failures)} ok, {len(failures)} failed")
     return 1 if failures else 0
 
 

@@ -124,6 +124,7 @@ class EvalConf:
     estimator: str = "auto"  # auto (family) | llada | dream
     mc_num: int = 128
     mc_batch: int = 32
+    batch_tokens: int = 16384  # masked copies of equal-length requests share forwards this big
     cfg: float = 0.0
     max_length: int = 4096
     seed: int = 1234

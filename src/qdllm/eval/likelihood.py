@@ -37,6 +37,7 @@ class MCSpec:
     mc_batch: int = 32
     cfg: float = 0.0  # unsupervised classifier-free guidance: prompt fully masked in a second copy
     eps: float = 1e-3  # dream: smallest masking probability
+    batch_tokens: int = 16384  # copies of equal-length requests share forwards of up to this many tokens
 
     def validated(self) -> MCSpec:
         require(self.estimator in ESTIMATORS, "eval.estimator", self.estimator, f"use one of {ESTIMATORS}")
@@ -44,6 +45,12 @@ class MCSpec:
         require(self.mc_batch >= 1, "eval.mc_batch", self.mc_batch, "must be >= 1")
         require(self.cfg >= 0, "eval.cfg", self.cfg, "must be >= 0 (0 disables guidance)")
         require(0 < self.eps < 1, "eval.eps", self.eps, "must lie in (0, 1)")
+        require(
+            self.batch_tokens >= 0,
+            "eval.batch_tokens",
+            self.batch_tokens,
+            "must be >= 0 (0: one request per forward)",
+        )
         return self
 
 
@@ -87,13 +94,18 @@ def sequence(dllm: DiffusionLM, context: list[int], target: list[int], estimator
     return context + target, len(context)
 
 
-@torch.no_grad()
-def mc_loglikelihood(
-    dllm: DiffusionLM, context: list[int], target: list[int], spec: MCSpec, seed: int
-) -> float:
-    """Estimate of log p(target | context) (a lower bound, the negative ELBO) in nats."""
-    if not target:
-        return 0.0
+@dataclass
+class _Rows:
+    """One request's masked copies: clean ids (L,), target span [start, start + n), masks, weights."""
+
+    clean: torch.Tensor
+    start: int
+    n: int
+    masks: torch.Tensor  # (rows, n) bool
+    weights: torch.Tensor  # (rows,) float64
+
+
+def _request_rows(dllm: DiffusionLM, context: list[int], target: list[int], spec: MCSpec, seed: int) -> _Rows:
     gen = torch.Generator().manual_seed(seed)
     ids, start = sequence(dllm, context, target, spec.estimator)
     n = len(target)
@@ -103,23 +115,86 @@ def mc_loglikelihood(
         masks, weights = llada_masks(n, spec.mc_num, spec.mc_batch, gen)
     else:
         masks, weights = dream_masks(n, spec.mc_num, spec.mc_batch, spec.eps, gen)
-    clean = torch.tensor(ids, dtype=torch.int64)
-    total = 0.0
-    for rows, w in zip(masks.split(spec.mc_batch), weights.split(spec.mc_batch)):
-        noisy = clean.repeat(rows.shape[0], 1)
-        noisy[:, start : start + n] = torch.where(rows, dllm.mask_token_id, noisy[:, start : start + n])
-        logits = guided_logits(dllm, noisy, start, spec.cfg, (start, n))
+    return _Rows(torch.tensor(ids, dtype=torch.int64), start, n, masks, weights)
+
+
+@torch.no_grad()
+def mc_loglikelihood(
+    dllm: DiffusionLM, context: list[int], target: list[int], spec: MCSpec, seed: int
+) -> float:
+    """Estimate of log p(target | context) (a lower bound, the negative ELBO) in nats."""
+    return mc_loglikelihoods(dllm, [(context, target, seed)], spec)[0]
+
+
+@torch.no_grad()
+def mc_loglikelihoods(
+    dllm: DiffusionLM, requests: list[tuple[list[int], list[int], int]], spec: MCSpec
+) -> list[float]:
+    """`mc_loglikelihood` of many (context, target, seed) requests with the same masks as one by one.
+
+    Masked copies of requests whose sequences have the same length share forwards of up to
+    max(mc_batch, batch_tokens // length) rows (no padding, so bidirectional attention sees exactly
+    the request's tokens); the LM head runs on the union of the rows' target spans. With CFG each
+    request runs alone (its guidance copy masks its own prompt).
+    """
+    rows = [_request_rows(dllm, c, t, spec, s) if t else None for c, t, s in requests]
+    totals = [0.0] * len(requests)
+    by_length: dict[int, list[int]] = {}
+    for index, r in enumerate(rows):
+        if r is not None:
+            by_length.setdefault(len(r.clean), []).append(index)
+    for length, members in by_length.items():
+        per_forward = spec.mc_batch if spec.cfg else max(spec.mc_batch, spec.batch_tokens // length)
+        pieces = [(i, k) for i in members for k in range(0, len(rows[i].masks), spec.mc_batch)]
+        chunk: list[tuple[int, int]] = []
+        count = 0
+        for i, k in pieces:
+            size = min(spec.mc_batch, len(rows[i].masks) - k)
+            if chunk and (count + size > per_forward or spec.cfg):
+                _score_chunk(dllm, rows, chunk, spec, totals)
+                chunk, count = [], 0
+            chunk.append((i, k))
+            count += size
+        if chunk:
+            _score_chunk(dllm, rows, chunk, spec, totals)
+    return [-totals[i] / len(r.masks) if r is not None else 0.0 for i, r in enumerate(rows)]
+
+
+def _score_chunk(
+    dllm: DiffusionLM, rows: list, chunk: list[tuple[int, int]], spec: MCSpec, totals: list
+) -> None:
+    """One forward over the masked copies rows[i].masks[k : k + mc_batch] of each (i, k) in `chunk`;
+    adds each request's sum of weighted masked cross-entropies to totals[i]."""
+    lo = min(rows[i].start for i, _ in chunk)
+    hi = max(rows[i].start + rows[i].n for i, _ in chunk)
+    noisy, spans = [], []
+    for i, k in chunk:
+        r = rows[i]
+        m = r.masks[k : k + spec.mc_batch]
+        copy = r.clean.repeat(m.shape[0], 1)
+        copy[:, r.start : r.start + r.n] = torch.where(
+            m, dllm.mask_token_id, copy[:, r.start : r.start + r.n]
+        )
+        noisy.append(copy)
+        spans.append((i, k, m))
+    batch = torch.cat(noisy)
+    prompt_len = rows[chunk[0][0]].start
+    logits = guided_logits(dllm, batch, prompt_len, spec.cfg, (lo, hi - lo))
+    offset = 0
+    for i, k, m in spans:
+        r = rows[i]
+        part = logits[offset : offset + m.shape[0], r.start - lo : r.start - lo + r.n]
+        offset += m.shape[0]
         ce = (
             F.cross_entropy(
-                logits.float().transpose(1, 2),
-                clean[start : start + n].expand(rows.shape[0], -1).to(logits.device),
+                part.float().transpose(1, 2),
+                r.clean[r.start : r.start + r.n].expand(m.shape[0], -1).to(part.device),
                 reduction="none",
             )
             .double()
             .cpu()
         )
-        total += ((ce * rows).sum(1) * w).sum().item()
-    return -total / spec.mc_num
+        totals[i] += ((ce * m).sum(1) * r.weights[k : k + spec.mc_batch]).sum().item()
 
 
 def guided_logits(

@@ -15,11 +15,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from qdllm.eval.likelihood import MCSpec, family_estimator, mc_loglikelihood, request_seed
+from qdllm.eval.likelihood import MCSpec, family_estimator, mc_loglikelihood, mc_loglikelihoods, request_seed
 from qdllm.eval.sampler import GenSpec, complete
 from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import ModelSpec, load_dllm
 
+REQUESTS_PER_CALL = 256  # requests scored together (progress granularity)
 MODEL_FIELDS = {f for f in ModelSpec.__dataclass_fields__ if f not in ("tiny", "recipe")}
 
 
@@ -93,20 +94,30 @@ class DiffusionEvalLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
-        out = []
-        for (context, continuation), context_ids, target_ids in tqdm(
-            requests, desc="MC log-likelihood", disable=disable_tqdm
-        ):
+        items = []
+        for (context, continuation), context_ids, target_ids in requests:
             target_ids = target_ids[-self.max_length :]
             context_ids = (
                 context_ids[-(self.max_length - len(target_ids)) :]
                 if self.max_length > len(target_ids)
                 else []
             )
-            seed = request_seed(self.seed, context, continuation)
-            out.append((mc_loglikelihood(self.dllm, context_ids, target_ids, self.mc, seed), False))
-            self.requests_done += 1
-        return out
+            items.append((context_ids, target_ids, request_seed(self.seed, context, continuation)))
+        # equal lengths next to each other, so their masked copies share forwards
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
+        scores: list[float] = [0.0] * len(items)
+        for begin in tqdm(
+            range(0, len(order), REQUESTS_PER_CALL),
+            desc="MC log-likelihood",
+            disable=disable_tqdm,
+            unit_scale=REQUESTS_PER_CALL,
+            unit="req",
+        ):
+            chunk = order[begin : begin + REQUESTS_PER_CALL]
+            for i, score in zip(chunk, mc_loglikelihoods(self.dllm, [items[i] for i in chunk], self.mc)):
+                scores[i] = score
+            self.requests_done += len(chunk)
+        return [(score, False) for score in scores]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """ELBO of each whole text, window by window of `max_length - 1` tokens after the prefix token."""

@@ -56,7 +56,13 @@ BUILTIN_TASKS = tuple(BUILTIN)
 
 def _mc_spec(eval_cfg: Any, family: str) -> MCSpec:
     estimator = eval_cfg.estimator if eval_cfg.estimator != "auto" else family_estimator(family)
-    return MCSpec(estimator=estimator, mc_num=eval_cfg.mc_num, mc_batch=eval_cfg.mc_batch, cfg=eval_cfg.cfg)
+    return MCSpec(
+        estimator=estimator,
+        mc_num=eval_cfg.mc_num,
+        mc_batch=eval_cfg.mc_batch,
+        cfg=eval_cfg.cfg,
+        batch_tokens=eval_cfg.batch_tokens,
+    )
 
 
 def _gen_spec(eval_cfg: Any) -> GenSpec:
@@ -137,7 +143,7 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
             confirm_run_unsafe_code=eval_cfg.confirm_run_unsafe_code,
         )
         for task in group:  # groups (mmlu, bbh_zeroshot) are reported by their aggregate
-            metrics[task] = _metrics(out["results"][task])
+            metrics[task] = flatten_metrics(out["results"][task])
         for key in ("results", "configs", "n-shot", "n-samples", "versions"):  # every subtask, as reported
             details.setdefault(key, {}).update(out.get(key) or {})
     seconds = time.perf_counter() - start
@@ -148,7 +154,7 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
     return metrics
 
 
-def _metrics(values: dict[str, Any]) -> dict[str, float]:
+def flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
     """lm-eval's "acc,none" and "exact_match,flexible-extract" keys become "acc" and
     "exact_match/flexible-extract"; `n` is the number of documents scored."""
     out = {}

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from qdllm.models.adapted import is_adapter_dir, load_adapted_model
 from qdllm.models.base import DiffusionLM
 from qdllm.models.llada import LLADA_MASK_ID, LLaDA, LLaDAConfig, LLaDAModelLM
 from qdllm.models.qwen_llama import DREAM_MASK_ID, Dream, QwenLlamaDLLM
@@ -48,6 +49,7 @@ class RecipeSpec:
     calib_seqlen: int = 4096
     calib_source: str = "hf"
     abmp_ratio: float = 0.05
+    abmp_scope: str = "matrix"
     group_size: int = 128
 
 
@@ -60,6 +62,7 @@ class ModelSpec:
     device: str = "cpu"
     trust_remote_code: bool = False
     mask_token_id: int | None = None  # default: tokenizer / family constant
+    base_path: str | None = None  # adapter directories: the base GGUF file, if not the installed package
     seed: int = 0
     tiny: TinySpec = field(default_factory=TinySpec)
     recipe: RecipeSpec = field(default_factory=RecipeSpec)
@@ -182,8 +185,21 @@ def _tokenizer(path: Path, spec: ModelSpec):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
 
 
+def _adapted(spec: ModelSpec, path: Path) -> DiffusionLM:
+    model, tokenizer, config = load_adapted_model(path, spec.base_path)
+    if config["family"] != spec.family:
+        raise ModelLoadError(
+            f"model.family={spec.family!r}: the adapter at {path} is a {config['family']!r} model; "
+            f"set model.family={config['family']}"
+        )
+    mask_id = spec.mask_token_id if spec.mask_token_id is not None else config["mask_token_id"]
+    return _wrap(spec.family, model.to(DTYPES[spec.dtype]), tokenizer, mask_id, spec.name)
+
+
 def _pretrained(spec: ModelSpec) -> DiffusionLM:
     path = _resolve(spec)
+    if is_adapter_dir(path):
+        return _adapted(spec, path)
     raw = json.loads((path / "config.json").read_text())
     tokenizer = _tokenizer(path, spec)
     dtype = DTYPES[spec.dtype]

