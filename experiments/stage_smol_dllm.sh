@@ -38,7 +38,8 @@ pack() {
   cp -r "$data"/{c4,wikitext2} .stage3/data/shared/
   rm -rf .stage3/data/shared/c4/raw
   cp -r "$data"/tasks/{arc,piqa} .stage3/data/shared/tasks/
-  cp -r .data/eval/hf_datasets/{hellaswag,winogrande}* .stage3/data/eval/hf_datasets/ 2>/dev/null || true
+  cp -r .data/eval/hf_datasets/{hellaswag,winogrande} .stage3/data/eval/hf_datasets/
+  cp .data/eval/.complete .stage3/data/eval/   # the marker `make data` leaves when it finished
   du -sh .stage1 .stage2 .stage3
 }
 

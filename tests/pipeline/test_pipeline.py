@@ -98,6 +98,25 @@ def test_block_scope_abmp_keeps_budget(c4_path):
     assert any(set(json.loads(r["orders_hist"])) != {"2"} for r in report.layers)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_block_scope_abmp_leaves_uniform_baselines_at_one_width(c4_path, method):
+    """An ABMP setting in a sweep's shared config must not touch the uniform baselines: the same
+    weights as with ABMP off."""
+    with_abmp, without = load_dllm({"family": "dream"}), load_dllm({"family": "dream"})
+    _, states = _states(with_abmp, c4_path)
+    quantize_model(
+        with_abmp,
+        states,
+        {"method": method, "abmp_ratio": 0.1, "abmp_scope": "block"},
+        PipelineSpec(progress=False),
+    )
+    quantize_model(without, states, {"method": method}, PipelineSpec(progress=False))
+    for (k, v), (_, v2) in zip(
+        with_abmp.model.state_dict().items(), without.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(v, v2), k
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_disk_cache_and_offloaded_blocks_give_identical_weights(c4_path, tmp_path, family):
     cfg = {"method": "daq", "abmp_ratio": 0.5}

@@ -185,8 +185,8 @@ def quantize_model(
         else:
             orders = (
                 _block_orders(dllm, block, cache, quant, device, run_block)
-                if quant.abmp_scope == "block"
-                else {}
+                if quant.method == "daq" and quant.abmp_ratio > 0 and quant.abmp_scope == "block"
+                else {}  # ABMP is DAQ's: the baselines keep one width for every group
             )
             rows = []
             for stage in dllm.stages:
