@@ -4,7 +4,11 @@ within 1 %). Sizes do not depend on the weights: ABMP moves as many groups to K+
 a K+1 / K-1 pair stores as many planes and scales as two K groups. SliM-LLM's size depends on how
 many groups its KL search moves (k per Linear); both ends of its range are shown.
 
-    python experiments/table3_sizes.py [--out table3.json]
+    python experiments/table3_sizes.py [--model llada8b|smol_dllm] [--out table3.json]
+
+`--model smol_dllm`: the small real model (tied embedding stored once, 576-wide rows ending in a
+half group); the paper has no row for it, so the table shows each method's compression against FP16
+beside the paper's LLaDA-8B ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ LLADA8B = {
     "head": 126464 * 4096,
     "norms": 32 * 2 * 4096 + 4096,
 }
+SMOL_DLLM = {
+    "blocks": 30,
+    "linears": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],
+    "embedding": 49152 * 576,
+    "head": 0,  # tied to the embedding, stored once
+    "norms": 30 * 2 * 576 + 576,
+}
+MODELS = {"llada8b": LLADA8B, "smol_dllm": SMOL_DLLM}
 PAPER_GB = {"FP16": 16.09, "GPTQ": 3.70, "SliM-LLM": 3.72, "Quant-dLLM": 3.69}
 GROUP = 128
 
@@ -38,38 +50,45 @@ def linear_bits(method: str, rows: int, cols: int, k: int = 0) -> int:
     return slim_bits(rows, widths, bits, 16)
 
 
-def model_gb(method: str, slim_k: str = "min") -> tuple[float, float]:
+def model_gb(method: str, slim_k: str = "min", model: dict = LLADA8B) -> tuple[float, float]:
     """(GB with 1e9 bytes, bits per weight of the quantized Linears)."""
     quantized, weights = 0, 0
-    for rows, cols in LLADA8B["linears"]:
+    for rows, cols in model["linears"]:
         groups = len(group_widths(cols, GROUP))
         k = 1 if slim_k == "min" else (groups + 1) // 2 - 1
         quantized += linear_bits(method, rows, cols, k)
         weights += rows * cols
-    quantized *= LLADA8B["blocks"]
-    weights *= LLADA8B["blocks"]
-    rest = 16 * (LLADA8B["embedding"] + LLADA8B["head"] + LLADA8B["norms"])
+    quantized *= model["blocks"]
+    weights *= model["blocks"]
+    rest = 16 * (model["embedding"] + model["head"] + model["norms"])
     return (quantized + rest) / 8 / 1e9, quantized / weights
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(MODELS), default="llada8b")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    model = MODELS[args.model]
+    fp_gb = model_gb("FP16", model=model)[0]
     rows = []
     for method in PAPER_GB:
-        gb, bpw = model_gb(method)
-        row = {"method": method, "paper_gb": PAPER_GB[method], "qdllm_gb": gb, "bits_per_weight": bpw}
+        gb, bpw = model_gb(method, model=model)
+        row = {"model": args.model, "method": method, "paper_gb": PAPER_GB[method], "qdllm_gb": gb,
+               "bits_per_weight": bpw, "compression": fp_gb / gb, "paper_compression": PAPER_GB["FP16"] / PAPER_GB[method]}  # fmt: skip
         if method == "SliM-LLM":
-            row["qdllm_gb_max_k"], row["bits_per_weight_max_k"] = model_gb(method, "max")
+            row["qdllm_gb_max_k"], row["bits_per_weight_max_k"] = model_gb(method, "max", model)
         rows.append(row)
-    print("| method | paper (GB) | qdllm (GB) | bits / weight (blocks) |")
+    print(
+        f"| method | paper LLaDA-8B (GB, x FP16) | qdllm {args.model} (GB, x FP16) | bits / weight (blocks) |"
+    )
     print("|---|---|---|---|")
     for r in rows:
-        ours = f"{r['qdllm_gb']:.2f}" + (
-            f" (k max: {r['qdllm_gb_max_k']:.2f})" if "qdllm_gb_max_k" in r else ""
+        ours = f"{r['qdllm_gb']:.4g}" + (
+            f" (k max: {r['qdllm_gb_max_k']:.4g})" if "qdllm_gb_max_k" in r else ""
         )
-        print(f"| {r['method']} | {r['paper_gb']:.2f} | {ours} | {r['bits_per_weight']:.3f} |")
+        paper = f"{r['paper_gb']:.2f} ({r['paper_compression']:.2f}x)"
+        print(f"| {r['method']} | {paper} | {ours} ({r['compression']:.2f}x) | {r['bits_per_weight']:.3f} |")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=2)
