@@ -74,8 +74,15 @@ def main() -> None:
     rows = []
     for method in PAPER_GB:
         gb, bpw = model_gb(method, model=model)
-        row = {"model": args.model, "method": method, "paper_gb": PAPER_GB[method], "qdllm_gb": gb,
-               "bits_per_weight": bpw, "compression": fp_gb / gb, "paper_compression": PAPER_GB["FP16"] / PAPER_GB[method]}  # fmt: skip
+        row = {
+            "model": args.model,
+            "method": method,
+            "paper_gb": PAPER_GB[method],
+            "qdllm_gb": gb,
+            "bits_per_weight": bpw,
+            "compression": fp_gb / gb,
+            "paper_compression": PAPER_GB["FP16"] / PAPER_GB[method],
+        }
         if method == "SliM-LLM":
             row["qdllm_gb_max_k"], row["bits_per_weight_max_k"] = model_gb(method, "max", model)
         rows.append(row)
