@@ -224,6 +224,7 @@ def adapt(cfg: Any) -> Path:
     _plot_curve(curve, out / "loss_curve.png")
     lora_pairs = {k: (a.lora_a, a.lora_b) for k, a in adapters.items()}
     tensors = adapter_tensors(lora_pairs, norms, mask_vec, getattr(torch, cfg.lora.save_dtype))
+    summary = _training_summary(cfg, curve, started_step=start, seconds=time.perf_counter() - began)
     adapter_dir = out / "adapter"
     save_adapter(
         adapter_dir,
@@ -234,13 +235,11 @@ def adapt(cfg: Any) -> Path:
             "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": list(cfg.lora.targets)},
             "mask_token_id": tokenizer.mask_token_id,
             "doc_token_id": tokenizer.bos_token_id,
-            "training": _training_summary(
-                cfg, curve, started_step=start, seconds=time.perf_counter() - began
-            ),
+            "training": summary,
         },
         tokenizer,
     )
-    write_json_atomic(out / "summary.json", _training_summary(cfg, curve, start, time.perf_counter() - began))
+    write_json_atomic(out / "summary.json", summary)
     return adapter_dir
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qdllm.adapt.lora import merged_weight
+from qdllm.models.shards import read_shards
 
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT = "qdllm-adapter"
@@ -132,12 +133,9 @@ def save_adapter(
 
 
 def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("adapter-*.safetensors"))
-    if not files:
+    tensors = read_shards(path, "adapter-*.safetensors")
+    if not tensors:
         raise AdapterError(f"{path} has no adapter-*.safetensors")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
     return tensors
 
 

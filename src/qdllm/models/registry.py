@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qdllm.models.adapted import is_adapter_dir, load_adapted_model
 from qdllm.models.base import DiffusionLM
 from qdllm.models.llada import LLADA_MASK_ID, LLaDA, LLaDAConfig, LLaDAModelLM
 from qdllm.models.qwen_llama import DREAM_MASK_ID, Dream, QwenLlamaDLLM
+from qdllm.models.shards import read_shards
 from qdllm.models.tokenizer import byte_level_tokenizer
 
 FAMILIES = ("llada", "dream", "ar_dllm")
@@ -265,12 +266,9 @@ def wrap_model(family: str, model, tokenizer, mask_id: int, name: str) -> Diffus
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    state = read_shards(path, "*.safetensors")
+    if not state:
         raise ModelLoadError(f"no *.safetensors in {path}; qdllm never loads pickled checkpoints")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
     return state
 
 
