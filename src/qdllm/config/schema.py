@@ -125,6 +125,7 @@ class EvalConf:
     mc_num: int = 128
     mc_batch: int = 32
     batch_tokens: int = 16384  # masked copies of equal-length requests share forwards this big
+    autocast: str | None = None  # bfloat16 | float16: 16-bit matmuls in the evaluation (GPU); null: off
     cfg: float = 0.0
     max_length: int = 4096
     seed: int = 1234

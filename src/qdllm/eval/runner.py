@@ -8,11 +8,14 @@ lm-eval task or group, run through `DiffusionEvalLM` on local data (`eval.data=l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from qdllm.atomic import write_json_atomic
 from qdllm.errors import ConfigError, require
@@ -27,6 +30,7 @@ from qdllm.models.base import DiffusionLM
 log = logging.getLogger(__name__)
 CODE_TASKS = ("humaneval", "mbpp")
 DATA_MODES = ("local", "hub")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _wikitext_ppl(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
@@ -74,6 +78,12 @@ def check_tasks(eval_cfg: Any) -> None:
     """Fail before any work when the `eval` node cannot run: unknown data mode, tasks without a
     local copy, generated code without the opt-in, invalid MC or sampler settings."""
     require(eval_cfg.data in DATA_MODES, "eval.data", eval_cfg.data, f"use one of {DATA_MODES}")
+    require(
+        eval_cfg.autocast is None or eval_cfg.autocast in AUTOCAST_DTYPES,
+        "eval.autocast",
+        eval_cfg.autocast,
+        f"use null (the model's dtype) or one of {list(AUTOCAST_DTYPES)}",
+    )
     lm_tasks = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
     code = [t for t in eval_cfg.tasks if t in CODE_TASKS]
     if code and not eval_cfg.confirm_run_unsafe_code:
@@ -100,11 +110,20 @@ def check_tasks(eval_cfg: Any) -> None:
 
 def evaluate(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, dict[str, float]]:
     check_tasks(eval_cfg)
-    metrics = {t: BUILTIN[t](dllm, eval_cfg) for t in eval_cfg.tasks if t in BUILTIN}
-    lm_tasks = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
-    if lm_tasks:
-        metrics.update(run_lm_eval(dllm, eval_cfg, lm_tasks))
+    with eval_precision(dllm.device, eval_cfg.autocast):
+        metrics = {t: BUILTIN[t](dllm, eval_cfg) for t in eval_cfg.tasks if t in BUILTIN}
+        lm_tasks = [t for t in eval_cfg.tasks if t not in BUILTIN_TASKS]
+        if lm_tasks:
+            metrics.update(run_lm_eval(dllm, eval_cfg, lm_tasks))
     return metrics
+
+
+def eval_precision(device: torch.device, autocast: str | None) -> contextlib.AbstractContextManager:
+    """`eval.autocast`: run the evaluation's matmuls in a 16-bit type while the (quantized) weights
+    stay as loaded, so that packing after the evaluation sees them unchanged; None: as loaded."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[autocast])
 
 
 def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str, dict[str, float]]:
