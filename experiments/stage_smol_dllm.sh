@@ -4,7 +4,8 @@
 # corpus and the missing wheels travel in pieces; ignored folders persist on the host for one lease.
 #
 # Here (once):   bash experiments/stage_smol_dllm.sh pack
-#   -> .stage1 (wheels, site copies, GGUF part 1), .stage2 (GGUF part 2, tokens), .stage3 (eval data)
+#   -> .stage1 (wheels, site copies, GGUF part 1), .stage2 (GGUF part 2, tokens), .stage3 (eval data,
+#      finished job records)
 # On the host:   bash experiments/stage_smol_dllm.sh host1   (carry .stage1)
 #                bash experiments/stage_smol_dllm.sh host2   (carry .stage2)
 #                bash experiments/stage_smol_dllm.sh host3   (carry .stage3)
@@ -40,6 +41,9 @@ pack() {
   cp -r "$data"/tasks/{arc,piqa} .stage3/data/shared/tasks/
   cp -r .data/eval/hf_datasets/{hellaswag,winogrande} .stage3/data/eval/hf_datasets/
   cp .data/eval/.complete .stage3/data/eval/   # the marker `make data` leaves when it finished
+  # the committed records of finished GPU jobs: `gpu_smol_tables.sh restore` puts them where `tables` skips them
+  tar czf .stage3/smol_runs.tgz --transform 's,^experiments/results/smol_dllm/gpu_runs,.host/logs,' \
+    experiments/results/smol_dllm/gpu_runs
   du -sh .stage1 .stage2 .stage3
 }
 
