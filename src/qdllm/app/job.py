@@ -40,6 +40,7 @@ from qdllm.config.resolve import resolve_job
 from qdllm.data.calibration import calibration_windows, load_texts
 from qdllm.errors import ConfigError
 from qdllm.eval.runner import evaluate
+from qdllm.models.fingerprint import source_fingerprint
 from qdllm.models.registry import load_dllm, save_dllm
 from qdllm.packing.checkpoint import save_quantized
 from qdllm.pipeline.quantize import quantize_model
@@ -79,8 +80,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         if not hydra["multirun"]:
             raise
         return record
+    model_files = source_fingerprint(record["config"]["model"].get("source"))
     try:
-        finished = _finished_record(output_dir, record["config"]) if cfg.skip_finished else None
+        finished = _finished_record(output_dir, record["config"], model_files) if cfg.skip_finished else None
     except ConfigError as exc:  # the dir holds another finished run: leave its record untouched
         log.error("job refused: %s", exc)
         if not hydra["multirun"]:
@@ -111,6 +113,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             "source": specs.model.source,
             "dtype": specs.model.dtype,
             "n_params": n_params,
+            "source_fingerprint": model_files,
         }
         if specs.quant.method != "none":
             with _timed(timing, "calibration_data"):
@@ -203,13 +206,24 @@ def _write_record(record, layers, timing, start, output_dir: Path, tracker) -> N
         tracker.finish(record["status"] == "ok")
 
 
-def _finished_record(output_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_record(
+    output_dir: Path, config: dict[str, Any], model_files: str | None
+) -> dict[str, Any] | None:
+    """The finished record in `output_dir` when it is this job's; refuse one of another job."""
     previous = read_results(output_dir)
     if previous is None or previous.get("status") != "ok":
         return None
     if previous.get("config") != config:
         raise ConfigError(
             f"hydra.run.dir={output_dir} holds a finished run of another config; choose a new "
+            "output dir, or set skip_finished=false to overwrite it"
+        )
+    # records written before fingerprints existed carry none: their config is all there is to match
+    recorded = previous.get("model", {}).get("source_fingerprint", model_files)
+    if recorded != model_files:
+        raise ConfigError(
+            f"hydra.run.dir={output_dir} holds a finished run on other files at model.source="
+            f"{config['model'].get('source')!r} (fingerprint {recorded} -> {model_files}); choose a new "
             "output dir, or set skip_finished=false to overwrite it"
         )
     return previous

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from qdllm.atomic import write_json_atomic
 from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
+from qdllm.models.fingerprint import weights_digest
 from qdllm.packing.linear import pack_result
 from qdllm.pipeline.stats import asymmetric_moments, second_moments, stage_input_sample
 from qdllm.quant import QuantSpec, quantize_weight
@@ -114,6 +115,7 @@ def _clock(device: torch.device) -> float:
 def _fingerprint(quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM, pack: bool) -> str:
     h = hashlib.sha256(json.dumps(asdict(quant), sort_keys=True).encode())
     h.update(f"{dllm.family}/pack={pack}".encode())
+    h.update(weights_digest(dllm.model).encode())  # the same config on other weights must not resume
     h.update(states.numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -1,0 +1,79 @@
+"""Model fingerprints: a local model rewritten in place must not match finished work on the old one."""
+
+import os
+
+import pytest
+import torch
+
+from qdllm.models import load_dllm, save_dllm
+from qdllm.models.fingerprint import EDGE_BYTES, source_fingerprint, weights_digest
+from qdllm.pipeline import PipelineSpec, quantize_model
+from qdllm.pipeline import quantize as pipeline_module
+from tests.app.conftest import read_record, run_cli
+from tests.pipeline.test_pipeline import _states
+
+
+def _write(path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_source_fingerprint_tells_same_size_rewrites_apart(tmp_path):
+    weights = bytearray(os.urandom(3 * EDGE_BYTES))
+    _write(tmp_path / "m" / "model.safetensors", bytes(weights))
+    _write(tmp_path / "m" / "config.json", b"{}")
+    first = source_fingerprint(str(tmp_path / "m"))
+    assert first == source_fingerprint(str(tmp_path / "m"))  # deterministic
+    weights[-1] ^= 0xFF  # same size, last weight byte differs (a retrained adapter)
+    _write(tmp_path / "m" / "model.safetensors", bytes(weights))
+    rewritten = source_fingerprint(str(tmp_path / "m"))
+    assert rewritten != first
+    (tmp_path / "m" / "config.json").rename(tmp_path / "m" / "other.json")
+    assert source_fingerprint(str(tmp_path / "m")) not in (first, rewritten)  # names count
+    single = tmp_path / "m" / "model.safetensors"
+    assert source_fingerprint(str(single)) not in (None, first)  # a single file (a GGUF) works too
+    assert source_fingerprint("GSAI-ML/LLaDA-8B-Base") is None and source_fingerprint(None) is None
+
+
+def test_weights_digest_changes_with_any_whole_tensor_and_not_with_a_reload():
+    a, b = load_dllm({"family": "llada", "seed": 0}), load_dllm({"family": "llada", "seed": 0})
+    assert weights_digest(a.model) == weights_digest(b.model)
+    with torch.no_grad():
+        next(iter(b.model.parameters())).mul_(1.001)
+    assert weights_digest(a.model) != weights_digest(b.model)
+    assert weights_digest(a.model) != weights_digest(load_dllm({"family": "llada", "seed": 1}).model)
+
+
+def test_block_checkpoints_of_other_weights_are_refused(c4_path, tmp_path, monkeypatch):
+    cfg = {"method": "daq", "abmp_ratio": 0.5}
+    first = load_dllm({"family": "llada", "seed": 0})
+    _, states = _states(first, c4_path)
+    real, calls = pipeline_module.quantize_weight, {"n": 0}
+
+    def crash_after_block_zero(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "quantize_weight", crash_after_block_zero)
+    spec = PipelineSpec(progress=False, checkpoint_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="killed"):
+        quantize_model(first, states, cfg, spec)
+    monkeypatch.setattr(pipeline_module, "quantize_weight", real)
+    with pytest.raises(RuntimeError, match="another config"):
+        quantize_model(load_dllm({"family": "llada", "seed": 1}), states, cfg, spec)
+
+
+def test_a_finished_job_on_rewritten_model_files_is_refused_not_skipped(tmp_path):
+    source, job = tmp_path / "model", tmp_path / "job"
+    save_dllm(load_dllm({"family": "llada", "seed": 0}), source)
+    args = ("debug=tiny_cpu", f"model.source={source}", f"hydra.run.dir={job}")
+    assert run_cli(*args).returncode == 0
+    record = read_record(job)
+    assert record["model"]["source_fingerprint"] == source_fingerprint(str(source))
+    assert "already holds a finished run" in run_cli(*args).stdout  # same files: skipped
+    save_dllm(load_dllm({"family": "llada", "seed": 1}), source)  # same config, other weights
+    again = run_cli(*args)
+    assert again.returncode != 0 and "other files at model.source" in again.stderr
+    assert read_record(job) == record
