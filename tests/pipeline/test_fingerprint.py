@@ -8,8 +8,8 @@ import torch
 from qdllm.models import load_dllm, save_dllm
 from qdllm.models.fingerprint import EDGE_BYTES, source_fingerprint, weights_digest
 from qdllm.pipeline import PipelineSpec, quantize_model
-from qdllm.pipeline import quantize as pipeline_module
 from tests.app.conftest import read_record, run_cli
+from tests.pipeline.conftest import quantize_killed_after_block_zero
 from tests.pipeline.test_pipeline import _states
 
 
@@ -48,19 +48,8 @@ def test_block_checkpoints_of_other_weights_are_refused(c4_path, tmp_path, monke
     cfg = {"method": "daq", "abmp_ratio": 0.5}
     first = load_dllm({"family": "llada", "seed": 0})
     _, states = _states(first, c4_path)
-    real, calls = pipeline_module.quantize_weight, {"n": 0}
-
-    def crash_after_block_zero(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 7:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "quantize_weight", crash_after_block_zero)
     spec = PipelineSpec(progress=False, checkpoint_dir=str(tmp_path))
-    with pytest.raises(RuntimeError, match="killed"):
-        quantize_model(first, states, cfg, spec)
-    monkeypatch.setattr(pipeline_module, "quantize_weight", real)
+    quantize_killed_after_block_zero(monkeypatch, first, states, cfg, spec, RuntimeError("killed"))
     with pytest.raises(RuntimeError, match="another config"):
         quantize_model(load_dllm({"family": "llada", "seed": 1}), states, cfg, spec)
 

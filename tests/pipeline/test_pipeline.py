@@ -10,7 +10,7 @@ from qdllm.calib import MCSSpec, mcs_states
 from qdllm.data import DataSpec, calibration_windows, load_texts
 from qdllm.models import load_dllm
 from qdllm.pipeline import PipelineSpec, quantize_model
-from qdllm.pipeline import quantize as pipeline_module
+from tests.pipeline.conftest import quantize_killed_after_block_zero
 
 
 def _states(dllm, c4_path, n=6, seqlen=96):
@@ -53,20 +53,9 @@ def test_killed_run_resumes_to_identical_weights(c4_path, tmp_path, monkeypatch)
     _, states = _states(reference, c4_path)
     quantize_model(reference, states, cfg, PipelineSpec(progress=False))
 
-    calls = {"n": 0}
-    real = pipeline_module.quantize_weight
-
-    def crash_in_block_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 7:  # 7 Linears per block: die at the first Linear of block 1
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     killed = load_dllm({"family": "llada"})
-    monkeypatch.setattr(pipeline_module, "quantize_weight", crash_in_block_two)
-    with pytest.raises(KeyboardInterrupt):
-        quantize_model(killed, states, cfg, PipelineSpec(progress=False, checkpoint_dir=str(tmp_path)))
-    monkeypatch.setattr(pipeline_module, "quantize_weight", real)
+    spec = PipelineSpec(progress=False, checkpoint_dir=str(tmp_path))
+    quantize_killed_after_block_zero(monkeypatch, killed, states, cfg, spec, KeyboardInterrupt())
 
     resumed = load_dllm({"family": "llada"})
     report = quantize_model(resumed, states, cfg, PipelineSpec(progress=False, checkpoint_dir=str(tmp_path)))
@@ -183,19 +172,10 @@ def test_gptaq_resumes_to_identical_weights(c4_path, tmp_path, monkeypatch):
     reference = load_dllm({"family": "llada"})
     _, states = _states(reference, c4_path)
     quantize_model(reference, states, cfg, PipelineSpec(progress=False))
-    real, calls = pipeline_module.quantize_weight, {"n": 0}
-
-    def crash_in_block_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 7:  # the 7 Linears of block 0 are done
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline_module, "quantize_weight", crash_in_block_two)
     spec = PipelineSpec(progress=False, checkpoint_dir=str(tmp_path))
-    with pytest.raises(RuntimeError, match="killed"):
-        quantize_model(load_dllm({"family": "llada"}), states, cfg, spec)
-    monkeypatch.setattr(pipeline_module, "quantize_weight", real)
+    quantize_killed_after_block_zero(
+        monkeypatch, load_dllm({"family": "llada"}), states, cfg, spec, RuntimeError("killed")
+    )
     resumed = load_dllm({"family": "llada"})
     assert quantize_model(resumed, states, cfg, spec).blocks_resumed == 1
     assert all(torch.equal(a, b) for a, b in zip(_weights(reference).values(), _weights(resumed).values()))
