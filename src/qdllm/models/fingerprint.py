@@ -24,11 +24,12 @@ def source_fingerprint(source: str | None) -> str | None:
     root = Path(source)
     if not root.exists():
         return None
+    base = root.parent if root.is_file() else root  # names are relative to the model's folder
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     digest = hashlib.sha256()
     for path in files:
         size = path.stat().st_size
-        digest.update(f"{path.relative_to(root) if path != root else path.name}:{size}".encode())
+        digest.update(f"{path.relative_to(base)}:{size}".encode())
         with path.open("rb") as handle:
             digest.update(handle.read(EDGE_BYTES))
             if size > EDGE_BYTES:
