@@ -3,7 +3,7 @@
 # Each device call carries at most 64 MiB, so the base GGUF (98 MB; 90 MB as .xz), the tokenised
 # corpus and the missing wheels travel in pieces; ignored folders persist on the host for one lease.
 #
-# Here (once):   bash experiments/stage_smol_dllm.sh pack
+# Here (once):   bash experiments/stage_smol_dllm.sh pack      (WITH_TRAIN=0: without the corpus)
 #   -> .stage1 (wheels, site copies, GGUF part 1), .stage2 (GGUF part 2, tokens), .stage3 (eval data,
 #      finished job records)
 # On the host:   bash experiments/stage_smol_dllm.sh host1   (carry .stage1)
@@ -14,6 +14,7 @@ set -euo pipefail
 HOST=.host                       # persistent, ignored folder on the GPU host
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 PY=${PY:-python3}
+WITH_TRAIN=${WITH_TRAIN:-1}      # 0: no training corpus in .stage2 (tables only)
 
 pack() {
   local venv=.venv/lib/python3.11/site-packages gguf
@@ -30,9 +31,11 @@ pack() {
   cp -r "$venv"/{antlr4,rouge_score,sqlitedict.py,word2number} .stage1/site/
   xz -T2 -6 -c "$gguf" | split -b 44M - .stage1/gguf.xz.
   mv .stage1/gguf.xz.ab .stage2/
-  [ -f .adapt_cache/train.npy ] || .venv/bin/python experiments/adapt_dllm.py prepare_only=true
-  xz -T2 -6 -c .adapt_cache/train.npy > .stage2/train.npy.xz
-  cp .adapt_cache/valid.npy .stage2/
+  if [ "$WITH_TRAIN" = 1 ]; then   # the tokenised corpus, for `gpu_smol_tables.sh train` only
+    [ -f .adapt_cache/train.npy ] || .venv/bin/python experiments/adapt_dllm.py prepare_only=true
+    xz -T2 -6 -c .adapt_cache/train.npy > .stage2/train.npy.xz
+    cp .adapt_cache/valid.npy .stage2/
+  fi
   # evaluation data: C4 excerpt, WikiText-2, ARC / PIQA files, HellaSwag and WinoGrande from `make data`
   local data=${QDLLM_DATA_ROOT:-../shared/data}
   mkdir -p .stage3/data/shared/tasks .stage3/data/eval/hf_datasets
@@ -57,9 +60,11 @@ host1() {
 host2() {
   cat $HOST/gguf.xz.aa .stage2/gguf.xz.ab | xz -d > $HOST/$GGUF_NAME
   rm -f $HOST/gguf.xz.aa
-  mkdir -p .adapt_cache
-  xz -d -c .stage2/train.npy.xz > .adapt_cache/train.npy
-  cp .stage2/valid.npy .adapt_cache/
+  if [ -f .stage2/train.npy.xz ]; then
+    mkdir -p .adapt_cache
+    xz -d -c .stage2/train.npy.xz > .adapt_cache/train.npy
+    cp .stage2/valid.npy .adapt_cache/
+  fi
 }
 
 host3() {

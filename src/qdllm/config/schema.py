@@ -121,7 +121,7 @@ class EvalConf:
     num_fewshot: dict[str, int] = field(default_factory=dict)
     limit: int | None = None  # documents per task (None: all)
     data: str = "local"  # local | hub
-    estimator: str = "auto"  # auto (family) | llada | dream
+    estimator: str = "auto"  # auto (family) | llada | dream | chain (left-to-right chain rule)
     mc_num: int = 128
     mc_batch: int = 32
     batch_tokens: int = 16384  # masked copies of equal-length requests share forwards this big

