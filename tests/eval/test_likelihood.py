@@ -182,7 +182,11 @@ def test_chain_estimator_equals_the_left_to_right_chain_rule(family):
 def test_chain_estimates_of_a_batch_equal_one_by_one():
     dllm = tiny("dream")
     spec = MCSpec(estimator="chain", mc_batch=4, batch_tokens=64)
-    requests = [(list(b"ab"), list(b"cdef"), 0), (list(b"xy"), list(b"zzzz"), 1), (list(b"q"), list(b"rs"), 2)]
+    requests = [
+        (list(b"ab"), list(b"cdef"), 0),
+        (list(b"xy"), list(b"zzzz"), 1),
+        (list(b"q"), list(b"rs"), 2),
+    ]
     batched = mc_loglikelihoods(dllm, requests, spec)
     single = [chain_reference(dllm, c, t) for c, t, _ in requests]
     assert batched == pytest.approx(single, rel=1e-5)
