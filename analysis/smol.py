@@ -4,8 +4,9 @@
 
 writes `runs.csv` (one row per job: method, bits, effective bits, ELBO perplexity, each task's
 headline metric with its stderr, timings), `table1.csv` (Table 1 analogue, with the AR base row
-when `--ar` is given) and `table2_<part>.csv` for each ablation with jobs (`smol_table2`, whose default
-point is Table 1's Quant-dLLM 2-bit job).
+when `--ar` is given), `table2_<part>.csv` for each ablation with jobs (`smol_table2`, whose default
+point is Table 1's Quant-dLLM 2-bit job) and `fp_estimators.csv` (the FP model under each likelihood
+estimator, `smol_fp_estimators`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.runs import load_runs
+from qdllm.eval.likelihood import family_estimator
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 # lm-eval's headline metric per task (length-normalised where the choices differ in length)
@@ -35,6 +37,7 @@ ABLATIONS = {
     "comp": ("config.quant.compensation", "compensation"),
 }
 DAQ_COMPONENTS = {(False, False): "baseline", (True, False): "RSR w/o DOR", (True, True): "RSR w/ DOR"}
+FP_ESTIMATOR_EXPERIMENTS = ("smol_fp", "smol_fp_mc128", "smol_fp_chain", "smol_fp_chain_full")
 
 
 def _bits(runs: pd.DataFrame) -> pd.Series:
@@ -61,6 +64,11 @@ def smol_runs(runs: pd.DataFrame) -> pd.DataFrame:
             "dor": ok["config.quant.dor"].where(ok["method"] == "daq"),
             "compensation": ok["config.quant.compensation"],
             "device": ok["config.model.device"],
+            "estimator": [
+                family_estimator(f) if e == "auto" else e
+                for e, f in zip(ok["config.eval.estimator"], ok["config.model.family"])
+            ],
+            "mc_num": ok["config.eval.mc_num"],
         }
     )
     for key in ("ppl", "nll", "nll_stderr", "windows"):
@@ -133,6 +141,25 @@ def smol_table2(rows: pd.DataFrame, part: str) -> pd.DataFrame:
     return both[columns].sort_values(factor, kind="stable").reset_index(drop=True)
 
 
+def smol_fp_estimators(rows: pd.DataFrame) -> pd.DataFrame:
+    """The FP model's accuracies under each likelihood estimator (MC ELBO with 32 / 128 masks, the
+    chain rule), beside the AR base; `of_ar_base` = mean accuracy / the AR base's mean (NaN where
+    a row lacks a task)."""
+    fp = rows[rows["experiment"].isin(FP_ESTIMATOR_EXPERIMENTS)].copy()
+    fp["mc_num"] = fp["mc_num"].where(fp["estimator"] != "chain")
+    ar = rows[rows["experiment"] == "ar_base"]
+    both = pd.concat([ar.assign(estimator="autoregressive (lm-eval HFLM)"), fp], ignore_index=True)
+    columns = ["experiment", "estimator", "mc_num"]
+    for task in TASKS:
+        columns += [f"{task}.{HEADLINE[task]}", f"{task}.{HEADLINE[task]}_stderr", f"{task}.n"]
+    table = both[columns].reset_index(drop=True)
+    # a mean over the five tasks only: an estimator run on some tasks has none
+    table["mean_acc"] = table[[f"{t}.{HEADLINE[t]}" for t in TASKS]].mean(axis=1, skipna=False)
+    if len(ar):
+        table["of_ar_base"] = table["mean_acc"] / table["mean_acc"].iloc[0]
+    return table
+
+
 def smol_cpu_table(rows: pd.DataFrame) -> pd.DataFrame:
     """The laptop-scale CPU grid (experiment smol_cpu): one row per variant, ELBO perplexity."""
     cpu = rows[rows["experiment"] == "smol_cpu"].copy()
@@ -169,6 +196,9 @@ def main() -> None:
         ablation = smol_table2(rows, part)
         if len(ablation):
             ablation.to_csv(args.out / f"table2_{part}.csv", index=False, float_format="%.6g")
+    estimators = smol_fp_estimators(rows)
+    if len(estimators):
+        estimators.to_csv(args.out / "fp_estimators.csv", index=False, float_format="%.6g")
     if (rows["experiment"] == "smol_cpu").any():
         smol_cpu_table(rows).to_csv(args.out / "cpu_ablation.csv", index=False, float_format="%.6g")
 
