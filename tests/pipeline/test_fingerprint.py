@@ -35,6 +35,18 @@ def test_source_fingerprint_tells_same_size_rewrites_apart(tmp_path):
     assert source_fingerprint("GSAI-ML/LLaDA-8B-Base") is None and source_fingerprint(None) is None
 
 
+def test_model_card_and_plots_do_not_change_the_fingerprint(tmp_path):
+    _write(tmp_path / "m" / "adapter.safetensors", os.urandom(1000))
+    _write(tmp_path / "m" / "tokenizer.json", b"{}")
+    before = source_fingerprint(str(tmp_path / "m"))
+    _write(tmp_path / "m" / "README.md", b"# model card with new scores")
+    _write(tmp_path / "m" / "loss_curve.png", os.urandom(50))
+    _write(tmp_path / "m" / "loss_curve.csv", b"step,loss\n1,4.0\n")
+    assert source_fingerprint(str(tmp_path / "m")) == before
+    _write(tmp_path / "m" / "tokenizer.json", b'{"a": 1}')  # a file the loader reads still counts
+    assert source_fingerprint(str(tmp_path / "m")) != before
+
+
 def test_weights_digest_changes_with_any_whole_tensor_and_not_with_a_reload():
     a, b = load_dllm({"family": "llada", "seed": 0}), load_dllm({"family": "llada", "seed": 0})
     assert weights_digest(a.model) == weights_digest(b.model)

@@ -14,18 +14,28 @@ import torch
 
 EDGE_BYTES = 1 << 20  # bytes read from each end of a file: safetensors headers and tail weights
 SAMPLES_PER_TENSOR = 4096
+# a model card, plots and training curves sit beside the weights but are never loaded: editing them
+# (new scores in a card) must not orphan the finished work on the same weights
+DOCUMENTATION_SUFFIXES = (".md", ".png", ".csv")
 
 
 def source_fingerprint(source: str | None) -> str | None:
     """Digest of a local model file or directory: every file's relative path, size and first /
-    last `EDGE_BYTES` bytes (cheap for a 16 GB checkpoint). None for a hub id or a built-in name."""
+    last `EDGE_BYTES` bytes (cheap for a 16 GB checkpoint), documentation files in a directory
+    (`DOCUMENTATION_SUFFIXES`) left out. None for a hub id or a built-in name."""
     if not source:
         return None
     root = Path(source)
     if not root.exists():
         return None
     base = root.parent if root.is_file() else root  # names are relative to the model's folder
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in DOCUMENTATION_SUFFIXES
+        )
+    )
     digest = hashlib.sha256()
     for path in files:
         size = path.stat().st_size
