@@ -38,10 +38,15 @@ def test_lora_linear_equals_its_merged_weight_in_float64():
     adapter = LoRALinear(base, rank=3, alpha=6.0, generator=torch.Generator().manual_seed(0)).double()
     with torch.no_grad():
         adapter.lora_b.normal_()
-    x = torch.randn(5, 12, dtype=torch.float64)
-    reference = x @ (base.weight + 2.0 * adapter.lora_b @ adapter.lora_a).T  # alpha / rank = 2
-    assert torch.allclose(adapter(x), reference, atol=1e-12)
-    assert torch.allclose(merged_weight(base.weight, adapter.lora_a, adapter.lora_b, 2.0) @ x.T, reference.T)
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    weight = base.weight + 2.0 * adapter.lora_b @ adapter.lora_a  # alpha / rank = 2
+    assert torch.allclose(adapter(x), x @ weight.T, atol=1e-12)
+    # merged_weight works in fp32 (then W's dtype): equal to the float64 sum within fp32 rounding
+    merged = merged_weight(base.weight, adapter.lora_a, adapter.lora_b, 2.0)
+    assert merged.dtype == torch.float64
+    fp32_rounding = 4 * torch.finfo(torch.float32).eps * weight.abs().max().item()
+    assert torch.allclose(merged, weight, rtol=0, atol=fp32_rounding)
+    assert not torch.allclose(merged, base.weight, rtol=0, atol=fp32_rounding)  # the update is there
 
 
 def test_fresh_adapters_change_nothing_and_detach_merges_them():
