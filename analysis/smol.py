@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.runs import load_runs
-from qdllm.eval.likelihood import family_estimator
+from qdllm.eval.likelihood import resolve_estimator
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
 # lm-eval's headline metric per task (length-normalised where the choices differ in length)
@@ -64,10 +64,7 @@ def smol_runs(runs: pd.DataFrame) -> pd.DataFrame:
             "dor": ok["config.quant.dor"].where(ok["method"] == "daq"),
             "compensation": ok["config.quant.compensation"],
             "device": ok["config.model.device"],
-            "estimator": [
-                family_estimator(f) if e == "auto" else e
-                for e, f in zip(ok["config.eval.estimator"], ok["config.model.family"])
-            ],
+            "estimator": list(map(resolve_estimator, ok["config.eval.estimator"], ok["config.model.family"])),
             "mc_num": ok["config.eval.mc_num"],
         }
     )

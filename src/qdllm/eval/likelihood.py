@@ -65,6 +65,11 @@ def family_estimator(family: str) -> str:
     return "llada" if family == "llada" else "dream"
 
 
+def resolve_estimator(configured: str, family: str) -> str:
+    """`eval.estimator` as run: the configured estimator, or the family's for ``auto``."""
+    return family_estimator(family) if configured == "auto" else configured
+
+
 def request_seed(seed: int, *parts: str) -> int:
     """A 63-bit seed from the global seed and the request's text (common random numbers)."""
     digest = hashlib.sha256("\x1f".join([str(seed), *parts]).encode()).digest()
@@ -131,11 +136,11 @@ def _request_rows(dllm: DiffusionLM, context: list[int], target: list[int], spec
         spec = replace(spec, mc_num=1)
     if spec.estimator == "chain":
         masks, scored, weights = chain_masks(n)
+    elif spec.estimator == "llada":
+        masks, weights = llada_masks(n, spec.mc_num, spec.mc_batch, gen)
+        scored = masks
     else:
-        if spec.estimator == "llada":
-            masks, weights = llada_masks(n, spec.mc_num, spec.mc_batch, gen)
-        else:
-            masks, weights = dream_masks(n, spec.mc_num, spec.mc_batch, spec.eps, gen)
+        masks, weights = dream_masks(n, spec.mc_num, spec.mc_batch, spec.eps, gen)
         scored = masks
     return _Rows(torch.tensor(ids, dtype=torch.int64), start, n, masks, scored, weights)
 

@@ -20,7 +20,7 @@ import torch
 from qdllm.atomic import write_json_atomic
 from qdllm.errors import ConfigError, require
 from qdllm.eval.code_task import evaluate_humaneval, evaluate_mbpp, load_humaneval, load_mbpp
-from qdllm.eval.likelihood import ESTIMATORS, MCSpec, family_estimator
+from qdllm.eval.likelihood import ESTIMATORS, MCSpec, resolve_estimator
 from qdllm.eval.math_task import evaluate_math, load_math_docs
 from qdllm.eval.ppl import elbo_perplexity, ppl_windows
 from qdllm.eval.sampler import GenSpec
@@ -59,9 +59,8 @@ BUILTIN_TASKS = tuple(BUILTIN)
 
 
 def _mc_spec(eval_cfg: Any, family: str) -> MCSpec:
-    estimator = eval_cfg.estimator if eval_cfg.estimator != "auto" else family_estimator(family)
     return MCSpec(
-        estimator=estimator,
+        estimator=resolve_estimator(eval_cfg.estimator, family),
         mc_num=eval_cfg.mc_num,
         mc_batch=eval_cfg.mc_batch,
         cfg=eval_cfg.cfg,
