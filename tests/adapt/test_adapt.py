@@ -1,7 +1,6 @@
 """LoRA, the masked-diffusion objective, the corpus reader and adapter save -> merge round trips."""
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ from qdllm.adapt.train import _lr_factor, step_loss
 from qdllm.models.adapted import adapter_tensors, merge_adapter, read_adapter_tensors, save_adapter
 from qdllm.models.qwen_llama import QwenLlamaDLLM
 from qdllm.models.tokenizer import byte_level_tokenizer
+from qdllm.paths import data_root
 
-DATA_ROOT = Path(
-    os.environ.get("QDLLM_DATA_ROOT", Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
-)
+DATA_ROOT = data_root()
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
 

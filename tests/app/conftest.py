@@ -11,10 +11,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from qdllm.config import register_configs
+from qdllm.paths import data_root
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
-DATA_ROOT = Path(os.environ.get("QDLLM_DATA_ROOT", REPO / ".." / "shared" / "data")).resolve()
+DATA_ROOT = data_root().resolve()
 
 
 def app_env() -> dict[str, str]:

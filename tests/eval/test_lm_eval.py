@@ -71,6 +71,10 @@ def test_local_files_are_checked_against_the_official_row_counts(tmp_path):
     shutil.rmtree(tmp_path / "data")
 
 
+@pytest.mark.skipif(
+    not (DATA_ROOT / "tasks/gpqa/gpqa_diamond.csv").is_file(),
+    reason="GPQA is not redistributed; QDLLM_DATA_ROOT must hold tasks/gpqa/gpqa_diamond.csv",
+)
 def test_gpqa_copy_has_the_official_size(tmp_path):
     write_local_tasks(
         ["gpqa_diamond_zeroshot", "gpqa_diamond_n_shot"], DATA_ROOT, tmp_path

@@ -1,18 +1,15 @@
-import os
-from pathlib import Path
-
 import pytest
 
-DATA_ROOT = Path(
-    os.environ.get("QDLLM_DATA_ROOT", Path(__file__).resolve().parents[2] / ".." / "shared" / "data")
-)
+from qdllm.paths import data_root
+
+DATA_ROOT = data_root()
 
 
 @pytest.fixture
 def c4_path() -> str:
     path = DATA_ROOT / "c4" / "c4_excerpt.jsonl"
     if not path.is_file():
-        pytest.fail(f"shared data not found at {path}; set QDLLM_DATA_ROOT")
+        pytest.fail(f"calibration text not found at {path}; the repository ships it under data/")
     return str(path)
 
 

@@ -1,9 +1,10 @@
 """Calibration windows: raw text from local JSONL/text files or HF `datasets`, tokenized and cut.
 
-Default offline source: `${data_root}/c4/c4_excerpt.jsonl` (field `text`). Following the spec
-(§3.2): documents in file order (or shuffled with `doc_order=random`), documents shorter than
-`seqlen` tokens are skipped, one window of exactly `seqlen` tokens with a seeded random start is
-taken from each accepted document, until `nsamples` windows exist.
+Default offline source: the bundled C4 excerpt `c4/c4_excerpt.jsonl` under `qdllm.paths.data_root()`
+(field `text`). Windows as in the paper's calibration set-up (random C4 sequences): documents in file
+order (or shuffled with `doc_order=random`), documents shorter than `seqlen` tokens are skipped, one
+window of exactly `seqlen` tokens with a seeded random start is taken from each accepted document,
+until `nsamples` windows exist.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qdllm.errors import ConfigError, require
+from qdllm.paths import DEFAULT_CALIBRATION_FILE, data_file
 
 SOURCES = ("local", "hf")
 DOC_ORDERS = ("file", "random")
@@ -28,7 +30,7 @@ class CalibrationDataError(ConfigError):
 @dataclass
 class DataSpec:
     source: str = "local"  # local | hf
-    path: str = "../shared/data/c4/c4_excerpt.jsonl"  # local file (.jsonl with `field`, or .txt)
+    path: str | None = None  # local file (.jsonl with `field`, or .txt); None: the bundled C4 excerpt
     field: str = "text"
     hf_dataset: str = "allenai/c4"
     hf_config: str | None = "en"
@@ -51,11 +53,11 @@ class DataSpec:
 def load_texts(spec: DataSpec) -> list[str]:
     spec.validated()
     if spec.source == "local":
-        path = Path(spec.path)
+        path = Path(spec.path) if spec.path else data_file(DEFAULT_CALIBRATION_FILE)
         if not path.is_file():
             raise CalibrationDataError(
-                f"calib.path={spec.path!r} does not exist; point it at a JSONL or text file "
-                "(the shared data root holds c4/c4_excerpt.jsonl)"
+                f"calib.path={str(path)!r} does not exist; point it at a JSONL or text file "
+                f"(the data root holds {DEFAULT_CALIBRATION_FILE})"
             )
         if path.suffix == ".jsonl" or path.suffix == ".json":
             texts = []
