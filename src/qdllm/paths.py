@@ -13,7 +13,9 @@ from pathlib import Path
 from qdllm.errors import ConfigError
 
 DATA_ROOT_ENV = "QDLLM_DATA_ROOT"
-BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"  # src/qdllm/paths.py -> <repo>/data
+REPO_ROOT = Path(__file__).resolve().parents[2]  # src/qdllm/paths.py -> the repository
+BUNDLED_DATA = REPO_ROOT / "data"
+CONF_DIR = REPO_ROOT / "conf"  # the Hydra configs (`qdllm.load("<conf/model name>")` reads them)
 DEFAULT_CALIBRATION_FILE = "c4/c4_excerpt.jsonl"
 
 
