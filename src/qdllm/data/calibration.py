@@ -1,7 +1,7 @@
 """Calibration windows: raw text from local JSONL/text files or HF `datasets`, tokenized and cut.
 
-Default offline source: `${data_root}/c4/c4_excerpt.jsonl` (field `text`). Following the spec
-(§3.2): documents in file order (or shuffled with `doc_order=random`), documents shorter than
+Default offline source: `${data_root}/c4/c4_excerpt.jsonl` (field `text`). Cut like the paper's C4
+windows (§4.1): documents in file order (or shuffled with `doc_order=random`), documents shorter than
 `seqlen` tokens are skipped, one window of exactly `seqlen` tokens with a seeded random start is
 taken from each accepted document, until `nsamples` windows exist.
 """
