@@ -1,4 +1,4 @@
-"""Tables of the small real model (smol_dllm, issue 8) from its job directories.
+"""Tables of the small real model (smol_dllm, docs/RESULTS.md) from its job directories.
 
     python -m analysis.smol --runs <dir of jobs> [--ar ar_base.json] --out experiments/results/smol_dllm/gpu
 

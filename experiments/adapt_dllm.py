@@ -1,4 +1,4 @@
-"""Adapt SmolLM2-135M-Instruct into a masked-diffusion LM (issue 8); see adapt_dllm.yaml.
+"""Adapt SmolLM2-135M-Instruct into a masked-diffusion LM; see adapt_dllm.yaml.
 
     python experiments/adapt_dllm.py                      # train on one GPU (resumes if interrupted)
     python experiments/adapt_dllm.py prepare_only=true    # only tokenise the corpus into data.cache_dir

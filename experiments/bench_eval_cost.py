@@ -4,7 +4,7 @@ exact LLaDA-8B architecture (32 blocks, d 4096, vocabulary 126,464, bf16), then 
 Measures (median of `--repeats`, CUDA-synchronised): one MC log-likelihood request
 (`mc_loglikelihood`, mc_num 128 in batches of 32) at the token lengths typical of each task, the
 mc_num = 1 request of MMLU, and one LLaDA generation (256/256/32). Projects the paper's settings
-(full task sizes, mc_num 128; document / choice counts and token lengths from evaluation.md §6) and
+(full task sizes, mc_num 128; document / choice counts of the full splits, token lengths rough estimates) and
 the dev tier used for ablations (limit 500 per task, mc_num 32).
 
     python experiments/bench_eval_cost.py --out $OUT/bench_eval_cost.json
@@ -24,7 +24,7 @@ from scale_check_llada8b import random_llada8b
 from qdllm.eval.likelihood import MCSpec, mc_loglikelihood
 from qdllm.eval.sampler import GenSpec, llada_generate
 
-# task: (documents, choices per document, tokens per forward, shots) -- evaluation.md §6 estimates
+# task: (documents, choices per document, tokens per forward, shots); tokens per forward are estimates
 LIKELIHOOD_TASKS = {
     "mmlu (5-shot, mc_num 1)": (14042, 4, 600, 5),
     "winogrande (5)": (1267, 2, 180, 5),

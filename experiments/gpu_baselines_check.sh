@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on a GPU: per-matrix timings of GPTQ, GPTAQ, SliM-LLM and DAQ on LLaDA-8B's shapes, then
+# The baselines on a GPU: per-matrix timings of GPTQ, GPTAQ, SliM-LLM and DAQ on LLaDA-8B's shapes, then
 # GPTAQ and SliM-LLM through the Hydra app on a 4-block stand-in with LLaDA-8B's shapes.
 #   bash experiments/gpu_baselines_check.sh <results dir>
 set -euo pipefail

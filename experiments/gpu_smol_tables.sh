@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# issue 8's GPU runs on smol_dllm, after experiments/stage_smol_dllm.sh host1..host3 in the same lease:
+# The GPU runs on smol_dllm (docs/RESULTS.md), after experiments/stage_smol_dllm.sh host1..host3 in the same lease:
 #   bash experiments/gpu_smol_tables.sh train     # adapt_dllm.py for TRAIN_BUDGET s (rerun: resumes)
 #   bash experiments/gpu_smol_tables.sh export    # the finished adapter -> $OUT (shards + adapter.tgz)
 #   bash experiments/gpu_smol_tables.sh restore   # a fresh host: assets/smol_dllm at .host/adapt/adapter

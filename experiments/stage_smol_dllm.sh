@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Staging for the SmolLM2 diffusion-LM work on a GPU host without network (issue 8).
+# Staging for the SmolLM2 diffusion-LM work on a GPU host without network (docs/DESIGN.md).
 # Each device call carries at most 64 MiB, so the base GGUF (98 MB; 90 MB as .xz), the tokenised
 # corpus and the missing wheels travel in pieces; ignored folders persist on the host for one lease.
 #

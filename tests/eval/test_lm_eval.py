@@ -133,7 +133,7 @@ def test_missing_make_data_is_reported_before_any_work(tmp_path):
 
     with pytest.raises(ConfigError, match="make data"):
         check_local(["winogrande"], tmp_path)
-    check_local(["arc_easy", "bbh_zeroshot"], tmp_path)  # shared/data tasks need no extraction
+    check_local(["arc_easy", "bbh_zeroshot"], tmp_path)  # tasks shipped in data/ need no extraction
 
 
 @pytest.mark.slow

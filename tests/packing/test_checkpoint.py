@@ -103,7 +103,7 @@ def test_run_py_pack_writes_the_checkpoint_and_its_size(tmp_path):
 
 def test_table3_from_shapes_matches_the_spec_accounting():
     """experiments/table3_sizes.py: LLaDA-8B FP16 = 16.03 GB (8.015 B parameters) and Quant-dLLM at
-    2.255 bits per weight in the blocks = 4.04 GB, the figures of algorithm.md §12.3."""
+    2.255 bits per weight in the blocks = 4.04 GB, the sizes docs/PACKED_FORMAT.md reports."""
     import importlib.util
 
     from tests.app.conftest import REPO

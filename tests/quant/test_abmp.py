@@ -11,7 +11,7 @@ from qdllm.quant.abmp import allocate_orders, group_scores
 
 @pytest.mark.parametrize(
     "n_groups,ratio,k",
-    # spec §1.2: LLaDA G = 32 / 96 and Dream G = 28 / 148 at 5, 10, 15 %
+    # k = floor(ratio * G) (paper §3.4): LLaDA G = 32 / 96 and Dream G = 28 / 148 at 5, 10, 15 %
     [
         (32, 0.05, 1),
         (32, 0.10, 3),

@@ -1,4 +1,4 @@
-"""Training text for the adaptation: documents from the shared data, tokenised into one uint16 stream.
+"""Training text for the adaptation: documents from the data root, tokenised into one uint16 stream.
 
 Documents are Gutenberg books (boundaries from `gutenberg/books.tsv`) and C4 excerpt rows; each is
 followed by the document token, so a window that crosses a boundary sees it as a real LM would.

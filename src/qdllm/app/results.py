@@ -1,7 +1,8 @@
 """The canonical record of one job: `results.json` + `layers.parquet` in its output dir.
 
 Written atomically (temporary file + `os.replace`), so a crash never leaves a half-written
-record; analysis reads these files and never W&B (`shared/spec/ecosystem.md` §2.2-2.3).
+record; analysis reads these files and never W&B, whose offline runs cannot be read back
+(docs/DESIGN.md).
 """
 
 from __future__ import annotations

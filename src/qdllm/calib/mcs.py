@@ -39,7 +39,7 @@ class MCSSpec:
 
 
 def timestep_grid(spec: MCSSpec) -> list[float]:
-    """tau_t = t / T for t = 1..T (the `right` grid of spec §3.2), optionally with tau = 0 first."""
+    """tau_t = t / T for t = 1..T (paper §3.2: T uniform timesteps), optionally with tau = 0 first."""
     grid = [t / spec.timesteps for t in range(1, spec.timesteps + 1)]
     return [0.0, *grid] if spec.include_full_visible else grid
 

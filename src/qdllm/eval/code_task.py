@@ -2,7 +2,7 @@
 
 lm-eval scores these tasks with `evaluate`'s `code_eval` metric, fetched from the Hugging Face hub
 at import time, so they cannot run offline; qdllm runs them itself on the local copies in
-shared/data: HumanEval 0-shot (prompt = the function header, completion cut at the next top-level
+data/: HumanEval 0-shot (prompt = the function header, completion cut at the next top-level
 statement), MBPP 3-shot with lm-eval's prompt format (examples = task_id 2-4 of the prompt split,
 test split = task_id 11-510, completion cut at "[DONE]"). Each program runs in a fresh Python
 process (`-I`, a temporary working directory, a timeout). That is isolation, not a sandbox: it

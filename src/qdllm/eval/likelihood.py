@@ -1,4 +1,4 @@
-"""Monte Carlo log-likelihood of a continuation under a masked diffusion LM (evaluation.md §2-3).
+"""Monte Carlo log-likelihood of a continuation under a masked diffusion LM (docs/EVALUATION.md).
 
 The masked-diffusion ELBO  log p(y | c) >= E_t[ -(1/t) sum_{i masked} CE_i(y_t) ]  is estimated
 with `mc_num` masked copies of the continuation y (the context c is never masked), in rounds of
@@ -12,7 +12,7 @@ with `mc_num` masked copies of the continuation y (the context c is never masked
 
 Both row marginals are the ELBO's masking distribution, so the estimate is unbiased for the ELBO.
 
-* ``chain`` (front-to-back chain rule, Fast-dLLM's ``ar_ftb``; evaluation.md §3): not a Monte Carlo
+* ``chain`` (front-to-back chain rule, Fast-dLLM's ``ar_ftb``): not a Monte Carlo
   estimate but the exact log-probability of one decoding order,
   log p(y | c) = sum_i log p(y_i | c, y_<i, [M] at positions >= i), in Lt rows (row i masks the
   targets i..Lt-1 and scores target i alone); BOS/EOS as for ``dream``; `mc_num` is not used.

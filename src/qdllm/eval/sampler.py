@@ -1,4 +1,4 @@
-"""Diffusion samplers for `generate_until` (evaluation.md §4).
+"""Diffusion samplers for `generate_until` (docs/EVALUATION.md).
 
 * LLaDA low-confidence remasking (`llada_generate`): the answer canvas is cut into blocks decoded
   left to right; a block's `steps / n_blocks` steps each commit the most confident masked positions

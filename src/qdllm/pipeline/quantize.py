@@ -1,4 +1,4 @@
-"""Quantize every block of a `DiffusionLM` stage by stage on cached calibration states (spec §9).
+"""Quantize every block of a `DiffusionLM` stage by stage on cached calibration states (paper §3.5).
 
 For block b and each stage (qkv -> attn_out -> ff_in -> ff_out): accumulate S once per shared input
 from the partially quantized block, quantize each Linear of the stage with `quantize_weight`, write
@@ -48,7 +48,7 @@ class PipelineSpec:
     exec_device: str | None = None  # e.g. cuda: blocks visit it one at a time, weights stay where loaded
     checkpoint_dir: str | None = None  # per-block checkpoints; resume when it holds finished blocks
     progress: bool = True
-    allow_tf32: bool = False  # TF32 matmuls (fp32 accumulation) for S on CUDA; spec §4 step 2
+    allow_tf32: bool = False  # TF32 matmuls (fp32 accumulation) for S on CUDA
     pack: bool = False  # also keep every Linear's packed tensors (report.packed) for a packed checkpoint
 
     def validated(self) -> PipelineSpec:

@@ -1,4 +1,4 @@
-"""Input second moments S = X^T X / N of Linears, accumulated in fp32 chunk by chunk (spec §4)."""
+"""Input second moments S = X^T X / N of Linears, accumulated in fp32 chunk by chunk (paper eq. 4)."""
 
 from __future__ import annotations
 

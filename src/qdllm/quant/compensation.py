@@ -1,4 +1,4 @@
-"""GPTQ/OBC-style error compensation across column groups (spec §8; not in the paper).
+"""GPTQ/OBC-style error compensation across column groups (not in the paper; docs/DESIGN.md).
 
 After a group B = [s, e) is quantized to Q_B, the not yet quantized columns absorb its error:
 

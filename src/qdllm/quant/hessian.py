@@ -1,7 +1,7 @@
 """Hessian utilities: damping, dead input channels, H^-1 and its upper Cholesky factor.
 
 The layer-wise proxy loss of a Linear with input second moment S (C x C) is
-Tr((W - Q) S (W - Q)^T); GPTQ/OBS work with H = S + eps*I (spec §4).
+Tr((W - Q) S (W - Q)^T); GPTQ/OBS work with H = S + eps*I (S: paper eq. 4).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def factorize(second_moment: torch.Tensor, damp_ratio: float = 0.01, max_tries: 
     """Damp S relative to its mean diagonal and factor H^-1, escalating damping x10 on failure.
 
     eps = damp_ratio * mean(diag S); a try fails when the Cholesky of S + eps I fails, or when any
-    diagonal of H^-1 is non-finite or <= 1e-12 (spec §4 step 5).
+    diagonal of H^-1 is non-finite or <= 1e-12.
     """
     s, dead = repair_dead_channels(second_moment)
     n = s.shape[0]

@@ -30,7 +30,7 @@ class QuantConfigError(ConfigError):
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Every knob of `quantize_weight`. Defaults follow `shared/spec/algorithm.md` §13.
+    """Every knob of `quantize_weight`. Defaults: the paper's (§3.3-3.4) or docs/DESIGN.md.
 
     Methods: ``none`` (identity), ``rtn`` (round to nearest, min-max per group), ``gptq``
     (GPTQ/OBQ column-wise with lazy blocks), ``daq`` (Quant-dLLM's data-aware any-order
