@@ -9,7 +9,7 @@
 # On the host:   bash experiments/stage_smol_dllm.sh host1   (carry .stage1)
 #                bash experiments/stage_smol_dllm.sh host2   (carry .stage2)
 #                bash experiments/stage_smol_dllm.sh host3   (carry .stage3)
-# then `source experiments/stage_smol_dllm.sh env` sets PYTHONPATH, QDLLM_DATA_ROOT and SMOL_GGUF.
+# then `source experiments/stage_smol_dllm.sh env` sets PYTHONPATH, QDLLM_EVAL_DATA and SMOL_GGUF.
 set -euo pipefail
 HOST=.host                       # persistent, ignored folder on the GPU host
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -36,12 +36,9 @@ pack() {
     xz -T2 -6 -c .adapt_cache/train.npy > .stage2/train.npy.xz
     cp .adapt_cache/valid.npy .stage2/
   fi
-  # evaluation data: C4 excerpt, WikiText-2, ARC / PIQA files, HellaSwag and WinoGrande from `make data`
-  local data=${QDLLM_DATA_ROOT:-../shared/data}
-  mkdir -p .stage3/data/shared/tasks .stage3/data/eval/hf_datasets
-  cp -r "$data"/{c4,wikitext2} .stage3/data/shared/
-  rm -rf .stage3/data/shared/c4/raw
-  cp -r "$data"/tasks/{arc,piqa} .stage3/data/shared/tasks/
+  # evaluation data beyond the repository's data/ (which travels with the tree): HellaSwag and
+  # WinoGrande from `make data`
+  mkdir -p .stage3/data/eval/hf_datasets
   cp -r .data/eval/hf_datasets/{hellaswag,winogrande} .stage3/data/eval/hf_datasets/
   cp .data/eval/.complete .stage3/data/eval/   # the marker `make data` leaves when it finished
   # the committed records of finished GPU jobs: `gpu_smol_tables.sh restore` puts them where `tables` skips them
@@ -73,7 +70,7 @@ host3() {
 
 env_vars() {
   export PYTHONPATH=$PWD/src:$PWD:$PWD/$HOST/site PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1
-  export HF_DATASETS_OFFLINE=1 QDLLM_DATA_ROOT=$PWD/$HOST/data/shared QDLLM_EVAL_DATA=$PWD/$HOST/data/eval
+  export HF_DATASETS_OFFLINE=1 QDLLM_EVAL_DATA=$PWD/$HOST/data/eval
   export SMOL_GGUF=$PWD/$HOST/$GGUF_NAME
 }
 

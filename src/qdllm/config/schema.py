@@ -110,7 +110,7 @@ class GenConf:
 
 @dataclass
 class EvalConf:
-    """The `eval` node: built-in `ppl` and lm-eval tasks (evaluation.md §10).
+    """The `eval` node: built-in `ppl` and lm-eval tasks (docs/EVALUATION.md).
 
     lm-eval tasks run on local copies of their data (`data: local`, `qdllm.eval.tasks`) or on the
     hub datasets (`data: hub`). `num_fewshot` maps task -> shots (absent: the task's default).
