@@ -1,5 +1,6 @@
 """LoRA, the masked-diffusion objective, the corpus reader and adapter save -> merge round trips."""
 
+import ast
 import math
 import os
 from pathlib import Path
@@ -10,10 +11,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from qdllm.adapt.corpus import gutenberg_books, random_windows
-from qdllm.adapt.lora import LoRALinear, attach_lora, detach_lora, merged_weight
+from qdllm.adapt.lora import LoRALinear, attach_lora, detach_lora
 from qdllm.adapt.objective import diffusion_loss, masked_positions, sample_noise
 from qdllm.adapt.train import _lr_factor, step_loss
 from qdllm.models.adapted import adapter_tensors, merge_adapter, read_adapter_tensors, save_adapter
+from qdllm.models.lora import merged_weight
 from qdllm.models.qwen_llama import QwenLlamaDLLM
 from qdllm.models.tokenizer import byte_level_tokenizer
 
@@ -47,6 +49,29 @@ def test_lora_linear_equals_its_merged_weight_in_float64():
     fp32_rounding = 4 * torch.finfo(torch.float32).eps * weight.abs().max().item()
     assert torch.allclose(merged, weight, rtol=0, atol=fp32_rounding)
     assert not torch.allclose(merged, base.weight, rtol=0, atol=fp32_rounding)  # the update is there
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module named by an import statement of `path`, at any depth (function-level too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_models_never_import_adapt():
+    """Layers run one way: qdllm.adapt builds on qdllm.models, so no models module imports adapt."""
+    models = Path(__file__).resolve().parents[2] / "src" / "qdllm" / "models"
+    back_edges = {
+        f"{path.name} -> {name}"
+        for path in sorted(models.glob("*.py"))
+        for name in _imported_modules(path)
+        if name == "qdllm.adapt" or name.startswith("qdllm.adapt.")
+    }
+    assert back_edges == set()
 
 
 def test_fresh_adapters_change_nothing_and_detach_merges_them():

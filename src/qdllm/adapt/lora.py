@@ -1,4 +1,5 @@
-"""Low-rank adapters (LoRA) on frozen Linears, and merging them back into the weights.
+"""Low-rank adapters (LoRA) on frozen Linears, and merging them back into the weights
+(`qdllm.models.lora.merged_weight`).
 
 W' = W + (alpha / r) B A, with A (r, in) and B (out, r). B starts at zero, so an attached adapter
 leaves the model unchanged until it is trained.
@@ -12,13 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def merged_weight(
-    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """(out, in) W + scale * B A, computed in fp32 and returned in W's dtype."""
-    delta = lora_b.float() @ lora_a.float()
-    return (weight.float() + scale * delta).to(weight.dtype)
+from qdllm.models.lora import merged_weight
 
 
 class LoRALinear(nn.Module):
