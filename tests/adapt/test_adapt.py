@@ -183,8 +183,74 @@ def test_adapter_tensors_the_code_does_not_know_fail_clearly(tmp_path):
         merge_adapter(tiny_llama(), tensors, config)
 
 
-def test_adapt_config_is_complete():
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "experiments" / "adapt_dllm.yaml")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def adapt_composer():
+    """compose(overrides) -> DictConfig of conf/adapt.yaml (the config of experiments/adapt_dllm.py)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qdllm.config.adapt import register_adapt_configs
+
+    register_adapt_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        yield lambda *overrides: compose("adapt", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("max_step=30", "max_step"),  # a typo of max_steps
+        ("optim.warmup=10", "warmup"),  # a typo of optim.warmup_steps
+        ("max_steps=abc", "max_steps"),
+        ("lora.rank=1.5", "lora.rank"),
+        ("bf16=maybe", "bf16"),
+    ],
+)
+def test_adapt_config_rejects_mistyped_keys_and_ill_typed_values(adapt_composer, override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        adapt_composer(override)
+    assert key in f"{info.value} {info.value.__cause__}"
+
+
+def test_adapt_config_takes_valid_overrides(adapt_composer):
+    cfg = adapt_composer("max_steps=30", "out_dir=outputs/probe", "lora.targets=[self_attn.q_proj]")
+    assert (cfg.max_steps, cfg.out_dir, list(cfg.lora.targets)) == (30, "outputs/probe", ["self_attn.q_proj"])
+    assert cfg.optim.warmup_steps == 100 and cfg.prepare_only is False  # the rest from conf/adapt.yaml
+
+
+@pytest.mark.slow
+def test_adapt_cli_helps_and_stops_a_typo_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}"}
+        script = REPO / "experiments" / "adapt_dllm.py"
+        return subprocess.run(
+            [sys.executable, str(script), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    helped = cli("--help")
+    assert helped.returncode == 0 and "max_steps: 3000" in helped.stdout
+    typo = cli("max_step=30", "prepare_only=true", f"out_dir={tmp_path / 'out'}")
+    assert typo.returncode != 0 and "max_step" in typo.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing tokenised, no output folder
+
+
+def test_adapt_config_is_complete(adapt_composer):
+    cfg = adapt_composer()
     assert OmegaConf.missing_keys(cfg) == set()
     in_plus_out = [
         576 + 576,
