@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from qdllm.adapt.corpus import gutenberg_books, random_windows
-from qdllm.adapt.lora import LoRALinear, attach_lora, detach_lora
+from qdllm.adapt.lora import LoRALinear, attach_lora
 from qdllm.adapt.objective import diffusion_loss, masked_positions, sample_noise
 from qdllm.adapt.train import _lr_factor, step_loss
 from qdllm.models.adapted import adapter_tensors, merge_adapter, read_adapter_tensors, save_adapter
@@ -74,7 +74,7 @@ def test_models_never_import_adapt():
     assert back_edges == set()
 
 
-def test_fresh_adapters_change_nothing_and_detach_merges_them():
+def test_fresh_adapters_change_nothing_until_trained():
     model = tiny_llama()
     ids = torch.randint(0, 256, (2, 9))
     before = model(ids).logits
@@ -84,11 +84,7 @@ def test_fresh_adapters_change_nothing_and_detach_merges_them():
     with torch.no_grad():
         for a in adapters.values():
             a.lora_b.normal_(std=0.1)
-    adapted = model(ids).logits
-    assert not torch.allclose(adapted, before)
-    detach_lora(model.model.layers, adapters)
-    assert all(isinstance(layer.self_attn.q_proj, nn.Linear) for layer in model.model.layers)
-    assert torch.allclose(model(ids).logits, adapted, atol=1e-5)
+    assert not torch.allclose(model(ids).logits, before)
 
 
 def test_noise_levels_and_masks():

@@ -15,6 +15,16 @@ from qdllm.pipeline import PipelineSpec, quantize_model
 from tests.pipeline.conftest import quantize_killed_after_block_zero
 
 
+def quantizable(dllm) -> list[tuple[int, str, torch.nn.Linear]]:
+    """(block index, name in block, module) for every Linear of the pipeline's stages."""
+    return [
+        (index, name, block.get_submodule(name))
+        for index, block in enumerate(dllm.blocks())
+        for stage in dllm.stages
+        for name in stage.linears
+    ]
+
+
 def _states(dllm, c4_path, n=6, seqlen=96):
     spec = DataSpec(path=c4_path, nsamples=n, seqlen=seqlen)
     windows = calibration_windows(load_texts(spec), dllm.tokenizer, spec)
@@ -30,10 +40,10 @@ def test_end_to_end_quantizes_every_linear_and_nothing_else(c4_path, family):
     start = time.perf_counter()
     report = quantize_model(dllm, states, {"method": "daq", "abmp_ratio": 0.5}, PipelineSpec(progress=False))
     assert time.perf_counter() - start < 60
-    quantized = {f"{i}.{n}" for i, n, _ in dllm.quantizable()}
+    quantized = {f"{i}.{n}" for i, n, _ in quantizable(dllm)}
     assert {f"{r['block']}.{r['name']}" for r in report.layers} == quantized
     changed = {k for k, v in dllm.model.state_dict().items() if not torch.equal(v, before[k])}
-    targets = {id(m.weight) for _, _, m in dllm.quantizable()}
+    targets = {id(m.weight) for _, _, m in quantizable(dllm)}
     expected = {k for k, p in dllm.model.named_parameters() if id(p) in targets}
     # every target Linear changed; embeddings, norms, biases and the LM head are untouched
     assert changed == expected and len(expected) == 14
@@ -184,7 +194,7 @@ def test_blocks_offloaded_from_cpu_match_a_model_on_gpu(c4_path, family):
 
 
 def _weights(dllm):
-    return {f"{b}.{n}": m.weight.detach().clone() for b, n, m in dllm.quantizable()}
+    return {f"{b}.{n}": m.weight.detach().clone() for b, n, m in quantizable(dllm)}
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

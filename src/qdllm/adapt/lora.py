@@ -1,5 +1,5 @@
-"""Low-rank adapters (LoRA) on frozen Linears, and merging them back into the weights
-(`qdllm.models.lora.merged_weight`).
+"""Low-rank adapters (LoRA) on frozen Linears, for training; saved adapters are merged into the
+weights at load time (`qdllm.models.lora.merged_weight`).
 
 W' = W + (alpha / r) B A, with A (r, in) and B (out, r). B starts at zero, so an attached adapter
 leaves the model unchanged until it is trained.
@@ -12,8 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from qdllm.models.lora import merged_weight
 
 
 class LoRALinear(nn.Module):
@@ -60,16 +58,3 @@ def attach_lora(
             setattr(parent, child, adapter)
             adapters[f"{index}.{name}"] = adapter
     return adapters
-
-
-def detach_lora(blocks: nn.ModuleList, adapters: dict[str, LoRALinear]) -> None:
-    """Merge every adapter into its base Linear and put the plain Linear back in place."""
-    for key, adapter in adapters.items():
-        index, name = key.split(".", 1)
-        parent_name, _, child = name.rpartition(".")
-        block = blocks[int(index)]
-        parent = block.get_submodule(parent_name) if parent_name else block
-        base = adapter.base
-        with torch.no_grad():
-            base.weight.copy_(merged_weight(base.weight, adapter.lora_a, adapter.lora_b, adapter.scale))
-        setattr(parent, child, base)
