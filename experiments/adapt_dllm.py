@@ -1,33 +1,30 @@
-"""Adapt SmolLM2-135M-Instruct into a masked-diffusion LM; see adapt_dllm.yaml.
+"""Adapt SmolLM2-135M-Instruct into a masked-diffusion LM; config `conf/adapt.yaml` (Hydra).
 
     python experiments/adapt_dllm.py                      # train on one GPU (resumes if interrupted)
     python experiments/adapt_dllm.py prepare_only=true    # only tokenise the corpus into data.cache_dir
     python experiments/adapt_dllm.py max_steps=30 out_dir=outputs/probe   # time a few steps
+    python experiments/adapt_dllm.py --cfg job            # print the composed config
 
-The finished adapter lands in `<out_dir>/adapter`; `experiments/stage_smol_dllm.sh` copies it into
-`assets/smol_dllm` with its loss curve.
+Every key is type-checked at compose time (`qdllm.config.adapt.AdaptConf`): a mistyped or ill-typed
+override fails before any work. The finished adapter lands in `<out_dir>/adapter`;
+`experiments/stage_smol_dllm.sh` copies it into `assets/smol_dllm` with its loss curve.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from pathlib import Path
-
-from omegaconf import OmegaConf
+import hydra
+from omegaconf import DictConfig
 
 from qdllm.adapt.train import adapt, base_tokenizer, prepare_tokens
+from qdllm.config.adapt import register_adapt_configs
 from qdllm.models.adapted import base_gguf_path
 
-CONFIG = Path(__file__).with_name("adapt_dllm.yaml")
+register_adapt_configs()
 
 
-def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    overrides = OmegaConf.from_dotlist(argv)
-    prepare_only = bool(overrides.pop("prepare_only", False))
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), overrides)
-    if prepare_only:
+@hydra.main(version_base="1.3", config_path="../conf", config_name="adapt")
+def main(cfg: DictConfig) -> None:
+    if cfg.prepare_only:
         gguf = base_gguf_path(cfg.base, cfg.base.gguf_path)
         print(prepare_tokens(cfg, base_tokenizer(gguf, cfg.special)))
         return
@@ -35,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -49,7 +49,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
-    base = OmegaConf.load(REPO / "experiments" / "adapt_dllm.yaml").base
+    base = OmegaConf.load(REPO / "conf" / "adapt.yaml").base
     gguf = base_gguf_path(base, args.gguf)
     model = load_base_model(gguf).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

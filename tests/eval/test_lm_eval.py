@@ -1,8 +1,11 @@
 """lm-eval integration on local task files with tiny models (offline)."""
 
+import contextlib
 import json
+import os
 import shutil
 
+import datasets
 import lm_eval
 import pytest
 from lm_eval.tasks import TaskManager
@@ -95,6 +98,34 @@ def test_run_py_eval_smoke_writes_task_metrics(tmp_path):
     record = read_record(tmp_path)
     assert set(record["eval"]) == {"arc_easy", "piqa", "bbh_zeroshot_boolean_expressions"}
     assert record["eval"]["arc_easy"]["n"] == 3 and 0 <= record["eval"]["piqa"]["acc"] <= 1
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize("before", [None, "0"], ids=["unset", "set_to_0"])
+def test_local_data_is_offline_only_during_run_lm_eval(composer, monkeypatch, before, fails):
+    """`datasets` is offline while lm-eval runs on local files; afterwards the variable and the
+    flag `datasets` reads are as they were, also when the evaluation raises."""
+    from qdllm.eval.runner import run_lm_eval
+
+    if before is None:
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", before)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    seen = {}
+
+    def evaluate_and_record(**kwargs):
+        seen.update(env=os.environ.get("HF_DATASETS_OFFLINE"), flag=datasets.config.HF_HUB_OFFLINE)
+        if fails:
+            raise RuntimeError("evaluation died")
+        return {"results": {task: {"acc,none": 0.5} for task in kwargs["tasks"]}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", evaluate_and_record)
+    dllm = load_dllm({"family": "llada", "source": "tiny"})
+    with pytest.raises(RuntimeError, match="died") if fails else contextlib.nullcontext():
+        run_lm_eval(dllm, composer("eval=smoke").eval, ["arc_easy"])
+    assert seen == {"env": "1", "flag": True}
+    assert os.environ.get("HF_DATASETS_OFFLINE") == before and datasets.config.HF_HUB_OFFLINE is False
 
 
 def test_code_tasks_need_the_explicit_opt_in(composer):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qdllm.packing.bits import pack_bits, pack_codes, unpack_bits, unpack_codes
+from qdllm.packing.bits import pack_bits, unpack_bits
 from qdllm.packing.linear import PackedFormatError, pack_daq, pack_uniform, unpack_daq, unpack_uniform
 from qdllm.quant import quantize_weight
 from tests.conftest import correlated_second_moment, random_weight
@@ -29,15 +29,6 @@ def test_bits_round_trip_and_little_endian_order(n):
     first = torch.zeros(1, 32, dtype=torch.bool)
     first[0, 0] = True
     assert pack_bits(first).item() == 1  # element 0 is bit 0
-
-
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-def test_codes_round_trip(bits):
-    codes = torch.randint(0, 2**bits, (5, 350), generator=torch.Generator().manual_seed(bits))
-    words = pack_codes(codes, bits)
-    assert words.shape == (5, -(-350 * bits // 32)) and torch.equal(unpack_codes(words, 350, bits), codes)
-    with pytest.raises(ValueError):
-        pack_codes(codes + 2**bits, bits)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """End-to-end pipeline on tiny models: runs, identity, untouched modules, resume."""
 
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,16 @@ from qdllm.data import DataSpec, calibration_windows, load_texts
 from qdllm.models import load_dllm
 from qdllm.pipeline import PipelineSpec, quantize_model
 from tests.pipeline.conftest import quantize_killed_after_block_zero
+
+
+def quantizable(dllm) -> list[tuple[int, str, torch.nn.Linear]]:
+    """(block index, name in block, module) for every Linear of the pipeline's stages."""
+    return [
+        (index, name, block.get_submodule(name))
+        for index, block in enumerate(dllm.blocks())
+        for stage in dllm.stages
+        for name in stage.linears
+    ]
 
 
 def _states(dllm, c4_path, n=6, seqlen=96):
@@ -28,10 +40,10 @@ def test_end_to_end_quantizes_every_linear_and_nothing_else(c4_path, family):
     start = time.perf_counter()
     report = quantize_model(dllm, states, {"method": "daq", "abmp_ratio": 0.5}, PipelineSpec(progress=False))
     assert time.perf_counter() - start < 60
-    quantized = {f"{i}.{n}" for i, n, _ in dllm.quantizable()}
+    quantized = {f"{i}.{n}" for i, n, _ in quantizable(dllm)}
     assert {f"{r['block']}.{r['name']}" for r in report.layers} == quantized
     changed = {k for k, v in dllm.model.state_dict().items() if not torch.equal(v, before[k])}
-    targets = {id(m.weight) for _, _, m in dllm.quantizable()}
+    targets = {id(m.weight) for _, _, m in quantizable(dllm)}
     expected = {k for k, p in dllm.model.named_parameters() if id(p) in targets}
     # every target Linear changed; embeddings, norms, biases and the LM head are untouched
     assert changed == expected and len(expected) == 14
@@ -107,19 +119,59 @@ def test_block_scope_abmp_leaves_uniform_baselines_at_one_width(c4_path, method)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_disk_cache_and_offloaded_blocks_give_identical_weights(c4_path, tmp_path, family):
+def test_disk_cache_and_offloaded_blocks_give_identical_weights(c4_path, tmp_path, monkeypatch, family):
     cfg = {"method": "daq", "abmp_ratio": 0.5}
     in_memory = load_dllm({"family": family})
     _, states = _states(in_memory, c4_path)
     quantize_model(in_memory, states, cfg, PipelineSpec(progress=False))
     on_disk = load_dllm({"family": family})
     spec = PipelineSpec(progress=False, cache_device="disk", cache_dir=str(tmp_path), exec_device="cpu")
+    written = record_chunk_files(monkeypatch)
     quantize_model(on_disk, states, cfg, spec)
-    assert len(list(tmp_path.glob("chunk_*.safetensors"))) == -(-len(states) // spec.batch_size)
+    assert len({p.name for p in written}) == -(-len(states) // spec.batch_size)
+    assert all(tmp_path in p.parents for p in written)
     for (k, v), (_, v2) in zip(
         in_memory.model.state_dict().items(), on_disk.model.state_dict().items(), strict=True
     ):
         assert torch.equal(v, v2), k
+
+
+def record_chunk_files(monkeypatch) -> list[Path]:
+    """Paths of the cache chunk files the pipeline writes from now on (filled as it runs)."""
+    from qdllm.pipeline import quantize as pipeline_module
+
+    real, written = pipeline_module.save_file, []
+
+    def recording(tensors, filename, *args, **kwargs):
+        if Path(filename).name.startswith("chunk_"):
+            written.append(Path(filename))
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "save_file", recording)
+    return written
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["finished", "killed"])
+@pytest.mark.parametrize("explicit_dir", [True, False], ids=["cache_dir", "system_temp"])
+def test_disk_caches_leave_no_folder_behind(c4_path, tmp_path, monkeypatch, killed, explicit_dir):
+    """GPTAQ keeps two disk caches (quantized and FP trajectories); their folders are removed when
+    the run finishes and when it dies mid-way, in `pipeline.cache_dir` or the system's temp folder."""
+    dllm = load_dllm({"family": "llada"})
+    _, states = _states(dllm, c4_path)
+    root = tmp_path / "caches"
+    root.mkdir()
+    if not explicit_dir:
+        monkeypatch.setattr(tempfile, "tempdir", str(root))  # where mkdtemp(dir=None) goes
+    spec = PipelineSpec(progress=False, cache_device="disk", cache_dir=str(root) if explicit_dir else None)
+    written = record_chunk_files(monkeypatch)
+    if killed:
+        error = RuntimeError("killed")
+        quantize_killed_after_block_zero(monkeypatch, dllm, states, {"method": "gptaq"}, spec, error)
+    else:
+        quantize_model(dllm, states, {"method": "gptaq"}, spec)
+    assert written and all(root in p.parents for p in written)  # the caches were on disk, under root
+    assert sorted(root.iterdir()) == []
+    assert len({p.parent for p in written}) == 2  # one folder per cache
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -142,7 +194,7 @@ def test_blocks_offloaded_from_cpu_match_a_model_on_gpu(c4_path, family):
 
 
 def _weights(dllm):
-    return {f"{b}.{n}": m.weight.detach().clone() for b, n, m in dllm.quantizable()}
+    return {f"{b}.{n}": m.weight.detach().clone() for b, n, m in quantizable(dllm)}
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])

@@ -10,8 +10,15 @@ from qdllm.quant.daq import (
     daq_quantize,
     rsr_scales,
     sign_search,
-    weighted_loss,
 )
+
+
+def weighted_loss(w: torch.Tensor, q: torch.Tensor, lam2: torch.Tensor | None) -> torch.Tensor:
+    """(G,) DAQ loss sum Lambda^2 (W - Q)^2 (paper eq. 6) of (G, R, C) units; lam2=None: Lambda = 1."""
+    err = (w - q).square()
+    if lam2 is not None:
+        err = err * lam2
+    return err.sum((-2, -1))
 
 
 def _units(g=3, r=12, c=16, seed=0):

@@ -1,4 +1,5 @@
-"""Low-rank adapters (LoRA) on frozen Linears, and merging them back into the weights.
+"""Low-rank adapters (LoRA) on frozen Linears, for training; saved adapters are merged into the
+weights at load time (`qdllm.models.lora.merged_weight`).
 
 W' = W + (alpha / r) B A, with A (r, in) and B (out, r). B starts at zero, so an attached adapter
 leaves the model unchanged until it is trained.
@@ -11,14 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def merged_weight(
-    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """(out, in) W + scale * B A, computed in fp32 and returned in W's dtype."""
-    delta = lora_b.float() @ lora_a.float()
-    return (weight.float() + scale * delta).to(weight.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -65,16 +58,3 @@ def attach_lora(
             setattr(parent, child, adapter)
             adapters[f"{index}.{name}"] = adapter
     return adapters
-
-
-def detach_lora(blocks: nn.ModuleList, adapters: dict[str, LoRALinear]) -> None:
-    """Merge every adapter into its base Linear and put the plain Linear back in place."""
-    for key, adapter in adapters.items():
-        index, name = key.split(".", 1)
-        parent_name, _, child = name.rpartition(".")
-        block = blocks[int(index)]
-        parent = block.get_submodule(parent_name) if parent_name else block
-        base = adapter.base
-        with torch.no_grad():
-            base.weight.copy_(merged_weight(base.weight, adapter.lora_a, adapter.lora_b, adapter.scale))
-        setattr(parent, child, base)

@@ -1,6 +1,6 @@
 """Adapt a causal LM into a masked-diffusion LM: LoRA + norms + mask embedding, masked-diffusion loss.
 
-`adapt(cfg)` is driven by `experiments/adapt_dllm.yaml` (every knob lives there). It resumes from
+`adapt(cfg)` is driven by `conf/adapt.yaml` (every knob lives there). It resumes from
 the last checkpoint in `cfg.out_dir/checkpoint`, writes the loss curve (CSV + PNG) as it goes and
 finishes with an adapter directory that `qdllm.models.adapted` merges at load time.
 """

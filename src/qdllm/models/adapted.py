@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from qdllm.adapt.lora import merged_weight
+from qdllm.models.lora import merged_weight
 from qdllm.models.shards import read_shards
 
 ADAPTER_CONFIG = "adapter_config.json"

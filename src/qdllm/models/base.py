@@ -67,15 +67,6 @@ class DiffusionLM:
         source = torch.arange(start, start + length, device=hidden.device).sub(1).clamp_min(0)
         return self.head(hidden[:, source])
 
-    def quantizable(self) -> list[tuple[int, str, nn.Linear]]:
-        """(block index, name in block, module) for every Linear the pipeline quantizes."""
-        out = []
-        for index, block in enumerate(self.blocks()):
-            for stage in self.stages:
-                for name in stage.linears:
-                    out.append((index, name, block.get_submodule(name)))
-        return out
-
     def module_names(self) -> dict[int, str]:
         """id(module) -> its dotted name in `self.model` (state-dict prefixes)."""
         return {id(m): name for name, m in self.model.named_modules()}

@@ -27,18 +27,3 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     shifts = torch.arange(WORD, device=words.device, dtype=torch.int64)
     bits = (unsigned.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(*words.shape[:-1], -1)[..., :n].bool()
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., n) integer codes in [0, 2^bits) -> (..., ceil(n bits / 32)) int32."""
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(f"codes outside [0, {2**bits}) cannot be packed in {bits} bits")
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.int64)
-    stream = ((codes.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(*codes.shape[:-1], -1)
-    return pack_bits(stream.bool())
-
-
-def unpack_codes(words: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: (..., n) int64."""
-    stream = unpack_bits(words, n * bits).to(torch.int64).reshape(*words.shape[:-1], n, bits)
-    return (stream << torch.arange(bits, device=words.device, dtype=torch.int64)).sum(-1)

@@ -10,10 +10,12 @@ the finished blocks, recomputes the cache through them and continues, giving ide
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -44,7 +46,7 @@ CACHE_DEVICES = ("model", "cpu", "disk")
 class PipelineSpec:
     batch_size: int = 8  # calibration states per forward chunk
     cache_device: str = "model"  # model (the compute device) | cpu | disk (safetensors in cache_dir)
-    cache_dir: str | None = None  # for cache_device=disk; a temporary directory when None
+    cache_dir: str | None = None  # cache_device=disk: parent of its private folders (temp when None)
     exec_device: str | None = None  # e.g. cuda: blocks visit it one at a time, weights stay where loaded
     checkpoint_dir: str | None = None  # per-block checkpoints; resume when it holds finished blocks
     progress: bool = True
@@ -73,15 +75,33 @@ class PipelineReport:
 
 
 class HiddenCache:
-    """Hidden states of every calibration chunk: one copy, on a device or on disk."""
+    """Hidden states (B, L, d) of every calibration chunk: one copy, on a device or on disk.
 
-    def __init__(self, kind: str, device: torch.device, directory: str | None):
+    On disk the chunks live in a private folder made inside `parent` (the system's temporary
+    folder when None); `close` removes it. Use it as a context manager so the folder goes when
+    the run ends, also when it fails: at paper settings one copy is tens of GiB.
+    """
+
+    def __init__(self, kind: str, device: torch.device, parent: str | None):
         self.kind, self.device, self.chunks = kind, device, []
-        self.directory = (
-            Path(directory or tempfile.mkdtemp(prefix="qdllm_cache_")) if kind == "disk" else None
-        )
+        self.directory = None
+        if kind == "disk":
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="qdllm_cache_", dir=parent))
+
+    def __enter__(self) -> HiddenCache:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop every chunk; on disk, remove the private folder and its files."""
+        self.chunks = []
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.directory)
+            self.directory = None
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -127,9 +147,21 @@ def quantize_model(
     """Fake-quantize `dllm` in place on calibration `states` (M, L) int64; returns metrics."""
     spec = (spec or PipelineSpec()).validated()
     quant = QuantSpec.from_any(quant_cfg)
-    report = PipelineReport()
     if quant.method == "none":
-        return report
+        return PipelineReport()
+    with contextlib.ExitStack() as caches:  # hidden-state caches go (disk: removed) however the run ends
+        return _quantize_blocks(dllm, states, quant, spec, caches)
+
+
+def _quantize_blocks(
+    dllm: DiffusionLM,
+    states: torch.Tensor,
+    quant: QuantSpec,
+    spec: PipelineSpec,
+    caches: contextlib.ExitStack,
+) -> PipelineReport:
+    """`quantize_model`'s work; the hidden-state caches it opens are entered into `caches`."""
+    report = PipelineReport()
     timing: dict[str, float] = defaultdict(float)
     home = dllm.device
     device = torch.device(spec.exec_device) if spec.exec_device else home
@@ -137,10 +169,12 @@ def quantize_model(
     if offload:
         for module in dllm.shared_modules():
             module.to(device)
-    cache = HiddenCache(
-        "disk" if spec.cache_device == "disk" else "memory",
-        device if spec.cache_device == "model" else torch.device("cpu"),
-        spec.cache_dir,
+    cache = caches.enter_context(
+        HiddenCache(
+            "disk" if spec.cache_device == "disk" else "memory",
+            device if spec.cache_device == "model" else torch.device("cpu"),
+            spec.cache_dir,
+        )
     )
 
     start = _clock(device)
@@ -151,8 +185,7 @@ def quantize_model(
     # trajectory through the unquantized blocks (the only method that needs two copies)
     fp_cache = None
     if quant.method == "gptaq":
-        fp_dir = None if spec.cache_dir is None else str(Path(spec.cache_dir) / "fp")
-        fp_cache = HiddenCache(cache.kind, cache.device, fp_dir)
+        fp_cache = caches.enter_context(HiddenCache(cache.kind, cache.device, spec.cache_dir))
         for i, chunk in enumerate(cache):
             fp_cache[i] = chunk.clone()
 

@@ -76,14 +76,6 @@ def binary_rc_init(w: torch.Tensor, order: int, eps: float) -> BinaryCode:
     return BinaryCode(torch.stack(rows), torch.stack(cols), torch.stack(signs))
 
 
-def weighted_loss(w: torch.Tensor, q: torch.Tensor, lam2: torch.Tensor | None) -> torch.Tensor:
-    """(G,) per-unit loss sum Lambda^2 (W - Q)^2 (eq. 6); lam2=None means Lambda = 1."""
-    err = (w - q).square()
-    if lam2 is not None:
-        err = err * lam2
-    return err.sum((-2, -1))
-
-
 def rsr_scales(w: torch.Tensor, lam2: torch.Tensor | None, code: BinaryCode, eps: float) -> BinaryCode:
     """One Gauss-Seidel pass of the closed-form row/column re-scaling (eq. 8-9) over all orders.
 
