@@ -2,6 +2,7 @@
 
 import ast
 import math
+import os
 from pathlib import Path
 
 import pytest

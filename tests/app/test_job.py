@@ -1,6 +1,7 @@
 """`run_job` in-process: on failure the tracker is finished, the model released, the record written."""
 
 import gc
+import json
 import weakref
 
 import pytest
@@ -45,3 +46,14 @@ def test_job_finishes_tracker_and_releases_the_model(composer, monkeypatch, tmp_
     assert read_results(tmp_path)["status"] == ("ok" if nsamples == 4 else "failed")
     gc.collect()
     assert len(models) == 1 and models[0]() is None  # nothing keeps the job's model alive
+
+
+@pytest.mark.parametrize(("method", "applied"), [("gptq", 0.0), ("daq", 0.2)])
+def test_packed_checkpoint_records_the_abmp_ratio_the_job_applied(composer, tmp_path, method, applied):
+    """ABMP is DAQ's: a GPTQ job with abmp.ratio set applies none, and results.json and the
+    checkpoint's quantization_config both say so."""
+    record = run_job(
+        composer("debug=tiny_cpu", f"quant={method}", "abmp.ratio=0.2", "pack=true", "eval=none")
+    )
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert record["quant"]["abmp_ratio"] == config["quantization_config"]["abmp_ratio"] == applied

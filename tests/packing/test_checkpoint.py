@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qdllm
+import qdllm.packing.checkpoint as checkpoint_module
 from qdllm.calib import MCSSpec, mcs_states
 from qdllm.data import DataSpec, calibration_windows, load_texts
 from qdllm.models import load_dllm
-from qdllm.packing import PackedFormatError
+from qdllm.packing import ModuleFormat, PackedFormatError
 from qdllm.packing.checkpoint import save_quantized
 from qdllm.packing.module import QuantizedLinear
 from qdllm.pipeline import PipelineSpec, quantize_model
@@ -24,6 +25,19 @@ def quantized(family: str, cfg: dict):
     states, _ = mcs_states(windows, dllm.mask_token_id, MCSSpec(timesteps=2))
     report = quantize_model(dllm, states, {**cfg, "group_size": 16}, PipelineSpec(progress=False, pack=True))
     return dllm, report, windows
+
+
+def copy_checkpoint(source, target):
+    target.mkdir()
+    for f in source.iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    return target
+
+
+def edit_quantization_config(path, edit) -> None:
+    config = json.loads((path / "config.json").read_text())
+    edit(config["quantization_config"])
+    (path / "config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize(
@@ -62,10 +76,7 @@ def checkpoint(tmp_path_factory):
 
 def test_a_checkpoint_that_disagrees_with_its_config_fails_to_load(checkpoint, tmp_path):
     config = json.loads((checkpoint / "config.json").read_text())
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in checkpoint.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = copy_checkpoint(checkpoint, tmp_path / "bad")
     config["d_model"] = 2 * config["d_model"]
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(PackedFormatError, match="stores a .* weight but the config builds"):
@@ -84,7 +95,9 @@ def test_model_card_and_config_describe_the_quantization(checkpoint):
     card = (checkpoint / "README.md").read_text()
     assert "base_model_relation: quantized" in card and "qdllm.load_quantized" in card
     qc = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "qdllm" and qc["format_version"] == 1 and len(qc["modules"]) == 14
+    assert qc["quant_method"] == "qdllm" and qc["format_version"] == 2 and len(qc["modules"]) == 14
+    formats = {json.dumps(raw, sort_keys=True) for raw in qc["modules"].values()}
+    assert formats == {'{"group_size": 16, "kind": "bcq", "scale_dtype": "float16"}'}
     assert {"model.transformer.wte", "model.transformer.ff_out"} <= set(qc["modules_to_not_convert"])
 
 
@@ -132,3 +145,124 @@ def test_transformers_from_pretrained_loads_a_packed_dream(tmp_path, cfg):
     assert model.model.layers[0].self_attn.q_proj.packed()["weight_shape"].dtype == torch.int32
     loaded = wrap_model("dream", model, dllm.tokenizer, dllm.mask_token_id, "loaded")
     assert torch.equal(loaded.logits(windows[:2]), dllm.logits(windows[:2]))
+
+
+@pytest.fixture(scope="module")
+def asymmetric_rtn():
+    """An asymmetric 2-bit RTN LLaDA (every module stores zero points), its report and windows."""
+    return quantized("llada", {"method": "rtn", "bits": 2})
+
+
+@pytest.mark.parametrize(
+    "provenance",
+    [{"group_size": 16, "sym": True}, {"sym": False}, {}],
+    ids=["wrong-sym", "no-group-size", "none"],
+)
+def test_the_loader_reads_each_module_format_not_the_callers_provenance(tmp_path, asymmetric_rtn, provenance):
+    """A wrong or missing caller-supplied sym / group_size is provenance only: the checkpoint loads
+    the fake-quantized model exactly from the formats recorded per module."""
+    dllm, report, windows = asymmetric_rtn
+    save_quantized(dllm, report.packed, tmp_path / "ck", provenance)
+    qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
+    assert all(
+        raw == {"kind": "uniform", "group_size": 16, "scale_dtype": "float16", "sym": False}
+        for raw in qc["modules"].values()
+    )
+    assert torch.equal(qdllm.load_quantized(tmp_path / "ck").logits(windows[:2]), dllm.logits(windows[:2]))
+
+
+MODULE = "model.transformer.blocks.0.q_proj"
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.pop("group_size"), r"missing \['group_size'\]"),
+        (lambda m: m.update(group_size=32), "group_size=32 makes"),
+        (lambda m: m.update(scale_dtype="float32"), "scale_dtype='float32' but bcq_row_scale"),
+        (lambda m: m.update(kind="uniform", sym=False), "lacks packed tensors"),
+    ],
+    ids=["no-group-size", "wrong-group-size", "wrong-scale-dtype", "wrong-kind"],
+)
+def test_a_module_format_that_disagrees_with_its_tensors_fails_to_load(checkpoint, tmp_path, edit, match):
+    bad = copy_checkpoint(checkpoint, tmp_path / "bad")
+    edit_quantization_config(bad, lambda qc: edit(qc["modules"][MODULE]))
+    with pytest.raises(PackedFormatError, match=f"module {MODULE}.*{match}"):
+        qdllm.load_quantized(bad)
+
+
+def as_version_1(qc: dict, group_size: int, sym: bool) -> None:
+    """The format_version 1 layout: one kind per module, group_size / sym once for all."""
+    modules = {name: raw["kind"] for name, raw in qc["modules"].items()}
+    qc.update(format_version=1, modules=modules, group_size=group_size, sym=sym)
+
+
+def test_version_1_checkpoints_load_and_their_shared_fields_are_checked(tmp_path, asymmetric_rtn):
+    dllm, report, windows = asymmetric_rtn
+    save_quantized(dllm, report.packed, tmp_path / "v2", {})
+    v1 = copy_checkpoint(tmp_path / "v2", tmp_path / "v1")
+    edit_quantization_config(v1, lambda qc: as_version_1(qc, 16, False))
+    assert torch.equal(qdllm.load_quantized(v1).logits(windows[:2]), dllm.logits(windows[:2]))
+    edit_quantization_config(v1, lambda qc: qc.update(sym=True))  # the silent error of version 1
+    with pytest.raises(PackedFormatError, match="sym=True but the module stores zero points"):
+        qdllm.load_quantized(v1)
+    edit_quantization_config(v1, lambda qc: qc.pop("group_size"))
+    with pytest.raises(PackedFormatError, match="quantization_config.group_size is missing"):
+        qdllm.load_quantized(v1)
+
+
+def test_a_failed_save_leaves_no_staging_dir_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    dllm = load_dllm({"family": "llada"})
+    save_quantized(dllm, {}, tmp_path / "ck", {"run": 1})
+    before = {f.name: f.read_bytes() for f in (tmp_path / "ck").iterdir()}
+
+    def failing_card(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "model_card", failing_card)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(dllm, {}, tmp_path / "ck", {"run": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "ck").iterdir()} == before
+
+
+def test_provenance_cannot_overwrite_the_packed_format(tmp_path):
+    dllm = load_dllm({"family": "llada"})
+    with pytest.raises(PackedFormatError, match=r"keys \['format_version'\] would overwrite"):
+        save_quantized(dllm, {}, tmp_path / "ck", {"format_version": 1})
+    assert not any(tmp_path.iterdir())
+
+
+def test_resumed_pipeline_blocks_keep_their_packed_formats(tmp_path):
+    dllm = load_dllm({"family": "llada"})
+    spec = DataSpec(path=str(DATA_ROOT / "c4/c4_excerpt.jsonl"), nsamples=2, seqlen=32)
+    windows = calibration_windows(load_texts(spec), dllm.tokenizer, spec)
+    states, _ = mcs_states(windows, dllm.mask_token_id, MCSSpec(timesteps=1))
+    cfg = {"method": "gptq", "bits": 2, "group_size": 16, "sym": True, "scale_dtype": "float32"}
+    pipeline = PipelineSpec(progress=False, pack=True, checkpoint_dir=str(tmp_path))
+    first = quantize_model(dllm, states, cfg, pipeline)
+    resumed = quantize_model(load_dllm({"family": "llada"}), states, cfg, pipeline)
+    assert resumed.blocks_resumed == 2 and resumed.packed.keys() == first.packed.keys()
+    for name, (fmt, tensors) in resumed.packed.items():
+        assert fmt == ModuleFormat("uniform", 16, "float32", True)
+        assert tensors.keys() == first.packed[name][1].keys()
+        assert all(torch.equal(t, first.packed[name][1][key]) for key, t in tensors.items())
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.update(sym=True), "sym=True but the module stores zero points"),
+        (lambda m: m.pop("scale_dtype"), r"missing \['scale_dtype'\]"),
+    ],
+    ids=["wrong-sym", "no-scale-dtype"],
+)
+def test_transformers_from_pretrained_checks_each_module_format(tmp_path, edit, match):
+    from transformers import AutoModelForCausalLM
+
+    dllm, report, _ = quantized("dream", {"method": "rtn", "bits": 2})
+    save_quantized(dllm, report.packed, tmp_path / "ck", {})
+    module = "model.layers.1.mlp.down_proj"
+    edit_quantization_config(tmp_path / "ck", lambda qc: edit(qc["modules"][module]))
+    with pytest.raises(PackedFormatError, match=f"module {module}: .*{match}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ck")

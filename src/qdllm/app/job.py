@@ -174,7 +174,7 @@ def _packed_provenance(specs, record: dict[str, Any]) -> dict[str, Any]:
         "sym": quant.sym,
         "bits": quant.bits,
         "order": quant.order,
-        "abmp_ratio": quant.abmp_ratio,
+        "abmp_ratio": record["quant"]["abmp_ratio"],  # as applied: 0 for methods without ABMP
         "abmp_scope": quant.abmp_scope,
         "avg_bits_per_weight": record["quant"]["bits_per_weight"],
         "calibration": {

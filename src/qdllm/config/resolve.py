@@ -23,7 +23,6 @@ from qdllm.pipeline.quantize import PipelineSpec
 from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
 
 LOGGERS = ("none", "wandb")
-PACKABLE = ("none", "daq", "rtn", "gptq", "gptaq", "slim")  # none: nothing to pack, recorded as such
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -55,12 +54,6 @@ def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
     require(logger.name in LOGGERS, "logger.name", logger.name, f"use one of {LOGGERS}")
     require(logger.mode in WANDB_MODES, "logger.mode", logger.mode, f"use one of {WANDB_MODES}")
     check_tasks(run.eval)
-    require(
-        not run.pack or quant.method in PACKABLE,
-        "pack",
-        run.pack,
-        f"quant.method={quant.method!r} has no packed format yet; packable: {PACKABLE}",
-    )
     return JobSpecs(
         run=run,
         model=model,

@@ -1,7 +1,7 @@
 """Bit packing into int32 words: little-endian bit order along the last dimension (bit i of word
-w holds element 32 w + i), the layout of the qdllm BCQ format (docs/PACKED_FORMAT.md). b-bit codes are
-packed as a bit stream (element e occupies bits e b .. e b + b - 1), so any b in 1..8 is exact:
-ceil(n b / 32) words for n codes."""
+w holds element 32 w + i), the layout of the qdllm packed format. b-bit codes are packed as a bit
+stream (element e occupies bits e b .. e b + b - 1), so any b in 1..8 is exact: ceil(n b / 32)
+words for n codes."""
 
 from __future__ import annotations
 

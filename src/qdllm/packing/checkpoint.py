@@ -3,8 +3,10 @@
 Layout: `config.json` (the model's config + `quantization_config`), sharded
 `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json` (quantized Linears as packed
 tensors `<module>.bcq_*` / `<module>.uq_*`, every other tensor as saved by the model), the
-tokenizer, and a model card `README.md`. `load_quantized` builds the model on the meta device, puts a
-`QuantizedLinear` where the config lists a packed module and assigns every tensor.
+tokenizer, and a model card `README.md`. `quantization_config.modules` records every packed module's
+`ModuleFormat` (kind, group size, scale dtype, sym), which the loaders read and check against the
+tensors. `load_quantized` builds the model on the meta device, puts a `QuantizedLinear` where the
+config lists a packed module and assigns every tensor.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import DTYPES, build_skeleton, wrap_model
-from qdllm.packing.linear import PackedFormatError
+from qdllm.packing.format import FORMAT_VERSION, ModuleFormat, PackedFormatError, module_formats
 from qdllm.packing.module import QuantizedLinear
 
-FORMAT_VERSION = 1
 QUANT_METHOD = "qdllm"
 SHARD_BYTES = 2 * 2**30
 PACKED_KEYS = {
@@ -36,16 +37,16 @@ OPTIONAL_KEYS = {"bcq": ("bcq_row_mean",), "uniform": ("uq_zero", "uq_mean", "uq
 
 def save_quantized(
     dllm: DiffusionLM,
-    packed: dict[str, tuple[str, dict[str, torch.Tensor]]],
+    packed: dict[str, tuple[ModuleFormat, dict[str, torch.Tensor]]],
     path: str | Path,
     quantization: dict[str, Any],
     card: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Write the packed checkpoint into `path` (atomically: a finished directory or none).
 
-    `packed`: module name -> (kind, tensors) from the pipeline (`PipelineSpec.pack`);
-    `quantization`: method provenance for `quantization_config` (group_size and sym required).
-    Returns bytes per tensor kind (`size_breakdown`).
+    `packed`: module name -> (format, tensors) from the pipeline (`PipelineSpec.pack`);
+    `quantization`: method provenance for `quantization_config` (the loaders read each module's
+    own format, not these). Returns bytes per tensor kind (`size_breakdown`).
     """
     path = Path(path)
     state = dllm.model.state_dict()
@@ -64,13 +65,47 @@ def save_quantized(
     for name, (_, parts) in packed.items():
         tensors.update({f"{name}.{key}": t.contiguous() for key, t in parts.items()})
 
-    staging = Path(tempfile.mkdtemp(prefix=".staging_", dir=path.parent if path.parent.exists() else None))
-    index = _write_shards(tensors, staging)
+    for name, (fmt, parts) in packed.items():
+        fmt.check(name, parts)
     config = _model_config(dllm)
-    config["quantization_config"] = {
+    config["quantization_config"] = _quantization_config(dllm, packed, state, replaced, quantization)
+    sizes = size_breakdown(tensors, packed)
+    staging = Path(tempfile.mkdtemp(prefix=".staging_", dir=path.parent if path.parent.exists() else None))
+    try:
+        index = _write_shards(tensors, staging)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        dllm.tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(dllm, config["quantization_config"], sizes, card or {}))
+        _move_into_place(staging, path)
+    finally:  # after a failure the half-written directory would only hold disk space
+        shutil.rmtree(staging, ignore_errors=True)
+    return sizes
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """Rename `staging` to `path`; a previous `path` is deleted only once the new one is in place."""
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    previous = Path(tempfile.mkdtemp(prefix=".previous_", dir=path.parent))
+    os.replace(path, previous)  # onto the empty directory just made
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(previous, path)
+        raise
+    shutil.rmtree(previous)
+
+
+def _quantization_config(
+    dllm: DiffusionLM, packed: dict, state: dict[str, torch.Tensor], replaced: set[str], quantization: dict
+) -> dict[str, Any]:
+    """`quantization_config`: the packed format (read by the loaders) and the caller's provenance."""
+    layout = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "modules": {name: kind for name, (kind, _) in packed.items()},
+        "modules": {name: fmt.to_json() for name, (fmt, _) in packed.items()},
         # shapes and dtypes of every packed tensor: transformers allocates them before loading
         "tensors": {
             name: {
@@ -81,17 +116,13 @@ def save_quantized(
         },
         "modules_to_not_convert": sorted({k.rsplit(".", 1)[0] for k in state if k not in replaced}),
         "dtype": str(dllm.dtype).removeprefix("torch."),
-        **quantization,
     }
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    dllm.tokenizer.save_pretrained(staging)
-    sizes = size_breakdown(tensors, packed)
-    (staging / "README.md").write_text(model_card(dllm, config["quantization_config"], sizes, card or {}))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
-    return sizes
+    clash = sorted(set(quantization) & set(layout))
+    if clash:
+        raise PackedFormatError(
+            f"quantization provenance keys {clash} would overwrite the packed format's own; rename them"
+        )
+    return {**layout, **quantization}
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, Any]:
@@ -214,17 +245,14 @@ def load_quantized(path: str | Path, device: str = "cpu", cache: bool = False) -
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise PackedFormatError(f"{config_file}: quantization_config.quant_method is not {QUANT_METHOD!r}")
-    if qc.get("format_version") != FORMAT_VERSION:
-        raise PackedFormatError(
-            f"{config_file}: format_version {qc.get('format_version')} (this qdllm reads {FORMAT_VERSION})"
-        )
+    formats = module_formats(qc)
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(path.glob("model-*.safetensors")):
         tensors.update(load_file(str(shard)))
     model = build_skeleton(raw["qdllm_family"], raw)
     dtype = DTYPES[qc["dtype"]]
-    for name, kind in qc["modules"].items():
-        linear = model.get_submodule(name)
+    for name, fmt in formats.items():
+        linear, kind = model.get_submodule(name), fmt.kind
         parts = {key: tensors.pop(f"{name}.{key}") for key in PACKED_KEYS[kind] if f"{name}.{key}" in tensors}
         missing = set(PACKED_KEYS[kind]) - set(parts)
         if missing:
@@ -238,8 +266,9 @@ def load_quantized(path: str | Path, device: str = "cpu", cache: bool = False) -
                 f"{path}: module {name} stores a {shape[0]}x{shape[1]} weight but the config builds "
                 f"{linear.out_features}x{linear.in_features}"
             )
+        fmt.check(name, parts)
         bias = tensors.pop(f"{name}.bias", None)
-        quantized = QuantizedLinear(parts, kind, qc["group_size"], dtype, qc.get("sym", False), bias, cache)
+        quantized = QuantizedLinear(parts, fmt, dtype, bias, cache)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, quantized)
     expected = set(model.state_dict())

@@ -1,7 +1,8 @@
 """transformers integration: `from_pretrained` loads a qdllm packed checkpoint whose architecture
 transformers knows (Dream / AR-initialised dLLMs: Qwen2, Llama). Importing `qdllm` registers
 `quant_method: qdllm`; the quantizer swaps the listed Linears for `QuantizedLinear`s with empty
-(meta) packed buffers of the recorded shapes and dtypes before transformers loads the tensors.
+(meta) packed buffers of the recorded shapes and dtypes before transformers loads the tensors, and
+checks every module's recorded format against the loaded tensors afterwards.
 LLaDA is not a transformers architecture without remote code: use `qdllm.load_quantized`."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from qdllm.packing.format import module_formats
 from qdllm.packing.module import QuantizedLinear
 
 QUANT_METHOD = "qdllm"
@@ -40,20 +42,21 @@ class QdllmHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         config = self.quantization_config
         dtype = getattr(torch, config.dtype)
-        for name, kind in config.modules.items():
+        for name, fmt in module_formats(config.to_dict()).items():
             linear = model.get_submodule(name)
             parts = {
                 key: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]), device="meta")
                 for key, spec in config.tensors[name].items()
             }
             shape = (linear.out_features, linear.in_features)
-            module = QuantizedLinear(
-                parts, kind, config.group_size, dtype, config.sym, linear.bias, shape=shape
-            )
+            module = QuantizedLinear(parts, fmt, dtype, linear.bias, shape=shape)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for name in self.quantization_config.modules:
+            module = model.get_submodule(name)
+            module.fmt.check(name, module.packed())
         return model
 
     def is_serializable(self, **kwargs) -> bool:

@@ -5,20 +5,21 @@ then the orders (P = sum_g K_g planes, n = sum_g K_g w_g plane columns):
     bcq_k          int8   (G,)                order of each group
     bcq_signs      int32  (R, ceil(n / 32))   per row, the sign bits of every plane's columns in
                                               plane order (1 = +1, little-endian)
-    bcq_row_scale  fp16   (P, R)              a_p
-    bcq_col_scale  fp16   (n,)                c_p of each plane, concatenated
-    bcq_row_mean   fp16   (G, R)              only with row centring
+    bcq_row_scale  scale  (P, R)              a_p
+    bcq_col_scale  scale  (n,)                c_p of each plane, concatenated
+    bcq_row_mean   scale  (G, R)              only with row centring
 Uniform (RTN, GPTQ, GPTAQ, SliM-LLM), codes in the original column order:
     uq_bits        int8   (G,)                bits of each group; 0 = a binarised 1-bit group
     uq_codes       int32  (R, ceil(sum_c bits_c / 32))   every column's code as a bit stream
-    uq_scale       fp16   (G, R)              step (binarised: the scale of mean +- scale)
+    uq_scale       scale  (G, R)              step (binarised: the scale of mean +- scale)
     uq_zero        int32  (ceil(R sum_g b_g / 32),)      zero points of the uniform groups, in
                                               group order (asymmetric only)
-    uq_mean        fp16   (G_binary, R)       row means of the binarised groups
+    uq_mean        scale  (G_binary, R)       row means of the binarised groups
     uq_g_idx       int32  (C,)                group of each column, when not c // group_size
-Both: weight_shape int32 (2,). This is the BCQ layout of docs/PACKED_FORMAT.md, with no padding to
-128 columns, so the file size equals the reported bits per weight up to
-one partial word per row. Unpacking recomputes the fake-quantized weight exactly (fp32).
+Both: weight_shape int32 (2,). "scale" is the configured `quant.scale_dtype` (the quantizers round
+every scale to it, so storing it keeps the weights exact). Nothing is padded, so the file size
+equals the reported bits per weight up to one partial word per row. Unpacking recomputes the
+fake-quantized weight exactly (fp32).
 """
 
 from __future__ import annotations
@@ -26,13 +27,10 @@ from __future__ import annotations
 import torch
 
 from qdllm.packing.bits import pack_bits, unpack_bits
+from qdllm.packing.format import PACKED_KINDS, ModuleFormat, PackedFormatError
 from qdllm.quant.daq import BinaryCode
 from qdllm.quant.groups import group_slices
 from qdllm.quant.uniform import UniformParams
-
-
-class PackedFormatError(ValueError):
-    """Packed tensors disagree with each other or with the checkpoint's config."""
 
 
 def pack_daq(codes: list[BinaryCode], shape: tuple[int, int], scale_dtype: torch.dtype) -> dict:
@@ -112,10 +110,11 @@ def pack_uniform(
     bits: list[int],
     sym: bool,
     group_size: int,
+    scale_dtype: torch.dtype,
 ) -> dict:
     """`weight_q` (R, C) the fake-quantized weight; `params` one grid per group (`UniformParams`,
-    or SliM-LLM's binarised `BinaryParams`); `bits` per group; `g_idx` (C,) the group of each column
-    (None: c // group_size)."""
+    or SliM-LLM's binarised `BinaryParams`, scales already rounded to `scale_dtype`); `bits` per
+    group; `g_idx` (C,) the group of each column (None: c // group_size)."""
     rows, cols = weight_q.shape
     contiguous = torch.arange(cols) // group_size
     g_idx = contiguous if g_idx is None else g_idx.to(torch.int64).cpu()
@@ -138,7 +137,7 @@ def pack_uniform(
     out = {
         "uq_bits": torch.tensor([0 if b else n for b, n in zip(binary, bits, strict=True)], dtype=torch.int8),
         "uq_codes": pack_bits(stream),
-        "uq_scale": torch.stack([p.scale.cpu() for p in params]).to(torch.float16),
+        "uq_scale": torch.stack([p.scale.cpu() for p in params]).to(scale_dtype),
         "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
     }
     uniform = [(p, n) for p, n, b in zip(params, bits, binary, strict=True) if not b]
@@ -150,7 +149,7 @@ def pack_uniform(
         out["uq_zero"] = pack_bits(torch.cat(zero_bits).bool())
     if any(binary):
         out["uq_mean"] = torch.stack([p.mean.cpu() for p, b in zip(params, binary, strict=True) if b]).to(
-            torch.float16
+            scale_dtype
         )
     if not torch.equal(g_idx, contiguous):
         out["uq_g_idx"] = g_idx.to(torch.int32)
@@ -199,14 +198,29 @@ def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
     return torch.where(is_binary[None, :], binarised, uniform)
 
 
-def pack_result(result, quant, shape: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
-    """(kind, tensors) of one `quantize_weight(..., return_state=True)` result; `quant` its QuantSpec."""
-    if result.method == "daq":
-        return "bcq", pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
-    if result.method in ("rtn", "gptq", "gptaq", "slim"):
-        params = result.state["params"]
-        bits = result.orders.tolist() if result.method == "slim" else [quant.bits] * len(params)
-        return "uniform", pack_uniform(
-            result.weight.float(), params, result.state.get("g_idx"), bits, quant.sym, result.group_size
+def pack_result(result, quant, shape: tuple[int, int]) -> tuple[ModuleFormat, dict[str, torch.Tensor]]:
+    """(format, tensors) of one `quantize_weight(..., return_state=True)` result; `quant` its QuantSpec.
+    The format records what the tensors were produced with: the result's group size, the scale
+    dtype, and for uniform grids whether the quantizer implied the zero point (`state["sym"]`: SliM-LLM
+    fits asymmetric grids whatever `quant.sym` says)."""
+    kind = PACKED_KINDS.get(result.method)
+    if kind is None:
+        raise PackedFormatError(
+            f"quant.method={result.method!r} has no packed format; run without pipeline.pack"
         )
-    raise PackedFormatError(f"quant.method={result.method!r} has no packed format; run without pipeline.pack")
+    if kind == "bcq":
+        fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype)
+        return fmt, pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
+    params, sym = result.state["params"], result.state["sym"]
+    bits = result.orders.tolist() if result.method == "slim" else [quant.bits] * len(params)
+    fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype, sym)
+    tensors = pack_uniform(
+        result.weight.float(),
+        params,
+        result.state.get("g_idx"),
+        bits,
+        sym,
+        result.group_size,
+        quant.torch_scale_dtype,
+    )
+    return fmt, tensors

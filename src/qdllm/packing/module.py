@@ -8,27 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdllm.packing.format import ModuleFormat
 from qdllm.packing.linear import unpack_daq, unpack_uniform
-
-KINDS = ("bcq", "uniform")
 
 
 class QuantizedLinear(nn.Module):
     def __init__(
         self,
         tensors: dict[str, torch.Tensor],
-        kind: str,
-        group_size: int,
+        fmt: ModuleFormat,
         dtype: torch.dtype,
-        sym: bool = False,
         bias: torch.Tensor | None = None,
         cache: bool = False,
         shape: tuple[int, int] | None = None,
     ):
+        """`fmt`: the module's recorded format (kind, group size, scale dtype, sym)."""
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"QuantizedLinear kind {kind!r}: use one of {KINDS}")
-        self.kind, self.group_size, self.sym, self.dtype, self.cache = kind, group_size, sym, dtype, cache
+        self.fmt, self.dtype, self.cache = fmt, dtype, cache
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
         # `shape` (out, in) when the tensors are still empty placeholders (meta device)
@@ -43,11 +39,12 @@ class QuantizedLinear(nn.Module):
         """(out, in) weight in the model dtype, equal to the fake-quantized weight."""
         if self._dequantized is not None:
             return self._dequantized
-        tensors = {k: v.cpu() for k, v in self.packed().items()} if self.kind == "uniform" else self.packed()
-        if self.kind == "bcq":
-            weight = unpack_daq(tensors, self.group_size)
+        fmt = self.fmt
+        tensors = {k: v.cpu() for k, v in self.packed().items()} if fmt.kind == "uniform" else self.packed()
+        if fmt.kind == "bcq":
+            weight = unpack_daq(tensors, fmt.group_size)
         else:
-            weight = unpack_uniform(tensors, self.sym, self.group_size)
+            weight = unpack_uniform(tensors, fmt.sym, fmt.group_size)
         weight = weight.to(device=self.weight_shape.device, dtype=self.dtype)
         if self.cache:
             self._dequantized = weight
@@ -58,5 +55,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.in_features}, out={self.out_features}, kind={self.kind}, group_size={self.group_size}"
+            f"in={self.in_features}, out={self.out_features}, kind={self.fmt.kind}, "
+            f"group_size={self.fmt.group_size}"
         )

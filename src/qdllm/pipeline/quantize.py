@@ -31,6 +31,7 @@ from qdllm.atomic import write_json_atomic
 from qdllm.errors import require
 from qdllm.models.base import DiffusionLM
 from qdllm.models.fingerprint import weights_digest
+from qdllm.packing.format import ModuleFormat
 from qdllm.packing.linear import pack_result
 from qdllm.pipeline.stats import asymmetric_moments, second_moments, stage_input_sample
 from qdllm.quant import QuantSpec, quantize_weight
@@ -70,8 +71,8 @@ class PipelineReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     blocks_resumed: int = 0
-    # full module name -> (kind, packed tensors on CPU), with PipelineSpec.pack
-    packed: dict[str, tuple[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    # full module name -> (format, packed tensors on CPU), with PipelineSpec.pack
+    packed: dict[str, tuple[ModuleFormat, dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
 class HiddenCache:
@@ -211,7 +212,7 @@ def _quantize_blocks(
         run_block = lambda h, blk=block: dllm.block_forward(blk, h)  # noqa: E731
         fp_block = copy.deepcopy(block) if fp_cache is not None else None  # before any write-back
         done = ckpt is not None and (ckpt / f"block_{b:04d}.json").exists()
-        packed: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
+        packed: dict[str, tuple[ModuleFormat, dict[str, torch.Tensor]]] = {}
         if done:
             _load_block(block, ckpt, b)
             report.packed.update(_load_packed(ckpt, b))
@@ -259,8 +260,8 @@ def _quantize_blocks(
                     )
                     module.weight.copy_(result.weight)
                     if spec.pack:
-                        kind, tensors = pack_result(result, quant, tuple(module.weight.shape))
-                        packed[names[id(module)]] = (kind, {k: v.cpu() for k, v in tensors.items()})
+                        fmt, tensors = pack_result(result, quant, tuple(module.weight.shape))
+                        packed[names[id(module)]] = (fmt, {k: v.cpu() for k, v in tensors.items()})
                     timing[f"quant/{stage.name}"] += _clock(device) - t0
                     rows.append(_row(b, stage.name, name, module, result))
             if ckpt is not None:
@@ -332,23 +333,29 @@ def _save_block(block, dllm, ckpt: Path, b: int, rows: list[dict], packed: dict)
     os.replace(tmp, ckpt / f"block_{b:04d}.safetensors")
     if packed:
         flat = {f"{name}/{key}": t.contiguous() for name, (_, ts) in packed.items() for key, t in ts.items()}
-        kinds = {name: kind for name, (kind, _) in packed.items()}
+        formats = {name: fmt.to_json() for name, (fmt, _) in packed.items()}
         tmp = ckpt / f"block_{b:04d}.packed.safetensors.tmp"
-        save_file(flat, str(tmp), metadata={"kinds": json.dumps(kinds)})
+        save_file(flat, str(tmp), metadata={"formats": json.dumps(formats)})
         os.replace(tmp, ckpt / f"block_{b:04d}.packed.safetensors")
     write_json_atomic(ckpt / f"block_{b:04d}.json", rows)  # written last: marks the block finished
 
 
-def _load_packed(ckpt: Path, b: int) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+def _load_packed(ckpt: Path, b: int) -> dict[str, tuple[ModuleFormat, dict[str, torch.Tensor]]]:
     path = ckpt / f"block_{b:04d}.packed.safetensors"
     if not path.exists():
         return {}
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
-        kinds = json.loads(fh.metadata()["kinds"])
-        out: dict[str, tuple[str, dict[str, torch.Tensor]]] = {
-            name: (kind, {}) for name, kind in kinds.items()
+        metadata = fh.metadata()
+        if "formats" not in metadata:
+            raise RuntimeError(
+                f"{path} was written by an older qdllm that did not record each module's packed format; "
+                "re-run with a fresh pipeline.checkpoint_dir"
+            )
+        formats = json.loads(metadata["formats"])
+        out: dict[str, tuple[ModuleFormat, dict[str, torch.Tensor]]] = {
+            name: (ModuleFormat.from_json(name, raw), {}) for name, raw in formats.items()
         }
         for key in fh.keys():
             name, tensor = key.rsplit("/", 1)

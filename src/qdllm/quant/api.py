@@ -137,8 +137,8 @@ def quantize_weight(
     elif spec.method == "slim":
         q, group_orders, damp, params = _slim(w, s, gsize, spec, inputs)
         total_bits = accounting.slim_bits(n_rows, widths, group_orders.tolist(), spec.scale_bits)
-        if return_state:
-            state = {"params": params}
+        if return_state:  # SQC and binarised grids are asymmetric whatever quant.sym says
+            state = {"params": params, "sym": False}
     elif spec.method in ("gptq", "gptaq"):
         cross = None
         if spec.method == "gptaq":
@@ -168,7 +168,7 @@ def quantize_weight(
             n_rows, group_widths, group_orders.tolist(), spec.sym, spec.scale_bits
         )
         if return_state:
-            state = {"params": out.params, "g_idx": out.g_idx}
+            state = {"params": out.params, "g_idx": out.g_idx, "sym": spec.sym}
     else:
         factors = None
         if s is not None and (compensation != "off" or spec.method == "daq"):
@@ -180,7 +180,7 @@ def quantize_weight(
                 n_rows, widths, group_orders.tolist(), spec.sym, spec.scale_bits
             )
             if return_state:
-                state = {"params": params}
+                state = {"params": params, "sym": spec.sym}
         else:
             q, group_orders, codes, outlier_fraction = _daq(w, slices, spec, factors, compensation, orders)
             total_bits = accounting.daq_bits(
