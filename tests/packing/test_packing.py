@@ -43,11 +43,11 @@ def test_codes_round_trip(bits):
 @pytest.mark.parametrize(
     "cfg",
     [
-        {"method": "daq", "order": 1},
-        {"method": "daq", "order": 2},
-        {"method": "daq", "order": 3},
-        {"method": "daq", "order": 2, "abmp_ratio": 0.3},  # mixed orders 1 / 2 / 3
-        {"method": "daq", "order": 2, "row_center": True},
+        {"method": "daq", "bits": 1, "abmp_ratio": 0.0},
+        {"method": "daq", "bits": 2, "abmp_ratio": 0.0},
+        {"method": "daq", "bits": 3, "abmp_ratio": 0.0},
+        {"method": "daq", "bits": 2, "abmp_ratio": 0.3},  # mixed orders 1 / 2 / 3
+        {"method": "daq", "bits": 2, "abmp_ratio": 0.0, "row_center": True},
     ],
 )
 def test_daq_round_trip_is_exact_and_sized_like_the_accounting(problem, cfg):
