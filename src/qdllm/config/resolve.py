@@ -20,10 +20,10 @@ from qdllm.errors import ConfigError, require
 from qdllm.eval.runner import check_tasks
 from qdllm.models.registry import ModelSpec
 from qdllm.pipeline.quantize import PipelineSpec
+from qdllm.quant.methods import get_method
 from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
 
 LOGGERS = ("none", "wandb")
-PACKABLE = ("none", "daq", "rtn", "gptq", "gptaq", "slim")  # none: nothing to pack, recorded as such
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -55,11 +55,14 @@ def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
     require(logger.name in LOGGERS, "logger.name", logger.name, f"use one of {LOGGERS}")
     require(logger.mode in WANDB_MODES, "logger.mode", logger.mode, f"use one of {WANDB_MODES}")
     check_tasks(run.eval)
+    method = get_method(quant.method)
     require(
-        not run.pack or quant.method in PACKABLE,
+        not run.pack
+        or not method.quantizes
+        or method.pack_kind is not None,  # none: recorded as nothing to pack
         "pack",
         run.pack,
-        f"quant.method={quant.method!r} has no packed format yet; packable: {PACKABLE}",
+        f"quant.method={quant.method!r} has no packed format yet; run without pack",
     )
     return JobSpecs(
         run=run,

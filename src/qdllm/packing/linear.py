@@ -28,6 +28,7 @@ import torch
 from qdllm.packing.bits import pack_bits, unpack_bits
 from qdllm.quant.daq import BinaryCode
 from qdllm.quant.groups import group_slices
+from qdllm.quant.methods import get_method
 from qdllm.quant.uniform import UniformParams
 
 
@@ -200,13 +201,19 @@ def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
 
 
 def pack_result(result, quant, shape: tuple[int, int]) -> tuple[str, dict[str, torch.Tensor]]:
-    """(kind, tensors) of one `quantize_weight(..., return_state=True)` result; `quant` its QuantSpec."""
-    if result.method == "daq":
-        return "bcq", pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
-    if result.method in ("rtn", "gptq", "gptaq", "slim"):
+    """(kind, tensors) of one `quantize_weight(..., return_state=True)` result; `quant` its QuantSpec.
+    The method's `pack_kind` names the format; uniform groups are stored at their `result.orders`."""
+    kind = get_method(result.method).pack_kind
+    if kind == "bcq":
+        return kind, pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
+    if kind == "uniform":
         params = result.state["params"]
-        bits = result.orders.tolist() if result.method == "slim" else [quant.bits] * len(params)
-        return "uniform", pack_uniform(
-            result.weight.float(), params, result.state.get("g_idx"), bits, quant.sym, result.group_size
+        return kind, pack_uniform(
+            result.weight.float(),
+            params,
+            result.state.get("g_idx"),
+            result.orders.tolist(),
+            quant.sym,
+            result.group_size,
         )
     raise PackedFormatError(f"quant.method={result.method!r} has no packed format; run without pipeline.pack")
