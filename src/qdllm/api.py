@@ -23,7 +23,7 @@ from qdllm.data.calibration import DataSpec, calibration_windows, load_texts
 from qdllm.errors import ConfigError
 from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import ModelSpec, load_dllm
-from qdllm.packing.checkpoint import save_quantized
+from qdllm.packing.checkpoint import provenance, save_quantized
 from qdllm.paths import CONF_DIR, REPO_ROOT
 from qdllm.pipeline.quantize import PipelineReport, PipelineSpec, quantize_model
 from qdllm.quant.spec import QuantSpec
@@ -134,27 +134,10 @@ def save_packed(dllm: DiffusionLM, result: QuantizationResult, path: str | Path)
     model card) into `path`; returns bytes per tensor kind. Reload with `qdllm.load_quantized(path)`."""
     if not result.report.packed:
         raise ConfigError(f"quant.method={result.quant.method!r} produced no packed tensors to save")
-    return save_quantized(dllm, result.report.packed, path, packing_provenance(result))
-
-
-def packing_provenance(result: QuantizationResult) -> dict[str, Any]:
-    """The settings a packed checkpoint records in `quantization_config` (method, sizes, calibration)."""
-    quant = result.quant
-    return {
-        "method": quant.method,
-        "group_size": quant.group_size,
-        "sym": quant.sym,
-        "bits": quant.bits,
-        "order": quant.order,
-        "abmp_ratio": quant.abmp_ratio,
-        "abmp_scope": quant.abmp_scope,
-        "avg_bits_per_weight": result.bits_per_weight,
-        "calibration": {
-            "mcs": result.mcs.enabled,
-            "nsamples": result.data.nsamples,
-            "seqlen": result.data.seqlen,
-        },
-    }
+    calibration = {"mcs": result.mcs.enabled, "nsamples": result.data.nsamples, "seqlen": result.data.seqlen}
+    return save_quantized(
+        dllm, result.report.packed, path, provenance(result.quant, result.bits_per_weight, calibration)
+    )
 
 
 def _spec(kind: type, given: Any, **fields: Any):

@@ -4,8 +4,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from qdllm.config import resolve_job
+from qdllm.config import ABMPConf, resolve_job
 from qdllm.errors import ConfigError
+from qdllm.models.registry import RecipeSpec
+from qdllm.quant import QuantSpec
 from tests.app.conftest import CONF, read_record, run_cli
 
 GROUPS = ("model", "calib", "quant", "abmp", "eval", "logger", "debug", "experiment")
@@ -90,6 +92,21 @@ def test_table2c_quant_options_map_to_the_daq_switches(composer):
         for spec in [resolve_job(composer(f"quant={name}"))]
     }
     assert switches == {"daq_baseline": (False, False), "daq_rsr_no_dor": (True, False), "daq": (True, True)}
+
+
+def test_quant_bits_is_the_daq_order_in_python_and_hydra(composer):
+    hydra = resolve_job(composer("quant=daq", "quant.bits=3")).quant
+    python = QuantSpec.from_any({"method": "daq", "bits": 3})
+    assert hydra.order == python.order == 3
+    with pytest.raises(ConfigError, match=r"quant\.order=3.*quant\.bits=2"):
+        resolve_job(composer("quant=daq", "quant.order=3"))
+
+
+def test_python_and_hydra_abmp_defaults_agree(composer):
+    """0.05 is the paper's LLaDA setting (Table 2b); a model recipe may override it (Dream 0.10)."""
+    composed = composer("model=tiny_llada")
+    assert QuantSpec().abmp_ratio == ABMPConf().ratio == RecipeSpec().abmp_ratio == composed.abmp.ratio
+    assert QuantSpec().abmp_ratio == 0.05
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def edit_quantization_config(path, edit) -> None:
     ("family", "cfg"),
     [
         ("llada", {"method": "daq", "abmp_ratio": 0.3}),
-        ("dream", {"method": "daq", "order": 3}),
+        ("dream", {"method": "daq", "bits": 3, "abmp_ratio": 0.0}),
         ("dream", {"method": "gptq", "bits": 2}),
         ("llada", {"method": "rtn", "bits": 4, "sym": True}),
         ("dream", {"method": "slim", "bits": 2}),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qdllm.packing.bits import pack_bits, unpack_bits
-from qdllm.packing.format import PACKED_KINDS, ModuleFormat
+from qdllm.packing.format import KINDS, ModuleFormat
 from qdllm.packing.linear import (
     PackedFormatError,
     pack_daq,
@@ -16,7 +16,7 @@ from qdllm.packing.linear import (
 )
 from qdllm.quant import QuantSpec, quantize_weight
 from qdllm.quant.daq import BinaryCode
-from qdllm.quant.spec import METHODS
+from qdllm.quant.methods import METHODS
 from qdllm.quant.uniform import UniformParams
 from tests.conftest import correlated_second_moment, random_weight
 
@@ -54,11 +54,11 @@ def test_bits_round_trip_and_little_endian_order(n):
 @pytest.mark.parametrize(
     "cfg",
     [
-        {"method": "daq", "order": 1},
-        {"method": "daq", "order": 2},
-        {"method": "daq", "order": 3},
-        {"method": "daq", "order": 2, "abmp_ratio": 0.3},  # mixed orders 1 / 2 / 3
-        {"method": "daq", "order": 2, "row_center": True},
+        {"method": "daq", "bits": 1, "abmp_ratio": 0.0},
+        {"method": "daq", "bits": 2, "abmp_ratio": 0.0},
+        {"method": "daq", "bits": 3, "abmp_ratio": 0.0},
+        {"method": "daq", "bits": 2, "abmp_ratio": 0.3},  # mixed orders 1 / 2 / 3
+        {"method": "daq", "bits": 2, "abmp_ratio": 0.0, "row_center": True},
     ],
 )
 def test_daq_round_trip_is_exact_and_sized_like_the_accounting(problem, cfg):
@@ -223,7 +223,7 @@ def test_slim_packs_its_asymmetric_grids_when_quant_sym_is_set(small_problem):
 
 def test_every_quantization_method_has_a_packed_format():
     """pack=true is valid with every method ("none" writes nothing): no method may lack a format."""
-    assert set(PACKED_KINDS) == set(METHODS) - {"none"}
+    assert all(m.pack_kind in KINDS for m in METHODS.values() if m.quantizes)
 
 
 @pytest.fixture(scope="module")

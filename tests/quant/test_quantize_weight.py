@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from qdllm.quant import QuantConfigError, QuantInputError, quantize_weight
+from qdllm.quant import QuantConfigError, QuantInputError, QuantSpec, quantize_weight
 from qdllm.quant.compensation import propagate_error
 from qdllm.quant.hessian import factorize
+from qdllm.quant.methods import METHODS, get_method
 from tests.conftest import correlated_second_moment, devices, random_weight
 
 
@@ -81,7 +82,7 @@ def test_exact_compensation_is_the_obs_optimum(start):
     "cfg",
     [
         {"method": "daq"},
-        {"method": "daq", "order": 3, "compensation": "off", "abmp_ratio": 0.0},
+        {"method": "daq", "bits": 3, "compensation": "off", "abmp_ratio": 0.0},
         {"method": "daq", "abmp_ratio": 0.3, "row_center": True, "compensation": "exact"},
         {"method": "rtn", "bits": 3, "sym": True},
         {"method": "gptq", "bits": 4},
@@ -105,7 +106,7 @@ def test_reported_errors_and_bits_recomputed(cfg):
             for c in r.state["codes"]
         )
         assert set(r.orders.tolist()) <= {1, 2, 3}
-        assert float((r.orders * torch.tensor([128, 128, 44])).sum()) == cfg.get("order", 2) * 300
+        assert float((r.orders * torch.tensor([128, 128, 44])).sum()) == cfg.get("bits", 2) * 300
     else:
         bits = cfg["bits"]
         stored = bits * w.numel() + 40 * n_groups * (16 + (0 if cfg.get("sym") else bits))
@@ -182,7 +183,7 @@ def test_bad_inputs_raise_clear_errors(weight, hessian, cfg, match):
         ({"method": "awq"}, "quant.method"),
         ({"method": "daq", "order": 0}, "quant.order"),
         ({"method": "daq", "abmp_ratio": 0.7}, "quant.abmp_ratio"),
-        ({"method": "daq", "order": 1, "abmp_ratio": 0.05}, "quant.order"),
+        ({"method": "daq", "bits": 1, "abmp_ratio": 0.05}, "quant.order"),
         ({"method": "daq", "lamda": 2}, "unknown quant config key"),
         ({"method": "gptq", "compensation": "diag"}, "quant.compensation"),
         ({"method": "daq", "z_mode": "hessian"}, "quant.z_mode"),
@@ -191,3 +192,70 @@ def test_bad_inputs_raise_clear_errors(weight, hessian, cfg, match):
 def test_bad_config_names_the_field(cfg, field):
     with pytest.raises(QuantConfigError, match=field):
         quantize_weight(torch.ones(4, 8), torch.eye(8), cfg)
+
+
+def test_daq_quantizes_at_the_order_its_bit_width_names():
+    """`bits` is DAQ's order K (paper eq. 3): bits=3 stores three sign planes per group."""
+    w, s = random_weight(16, 256, 21), correlated_second_moment(256, 800, 22)
+    r = quantize_weight(w, s, {"method": "daq", "bits": 3, "abmp_ratio": 0.0}, return_state=True)
+    assert r.orders.tolist() == [3, 3]
+    assert [code.signs.shape[0] for code in r.state["codes"]] == [3, 3]
+    explicit = quantize_weight(w, s, {"method": "daq", "bits": 3, "order": 3, "abmp_ratio": 0.0})
+    assert torch.equal(r.weight, explicit.weight)
+
+
+def test_order_that_contradicts_bits_names_both_fields():
+    with pytest.raises(QuantConfigError, match=r"quant\.order=2.*quant\.bits=3"):
+        QuantSpec.from_any({"method": "daq", "bits": 3, "order": 2})
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "daq"])
+def test_proxy_error_with_dead_channels_follows_its_definition(method):
+    """Tr(dW S dW^T) / Tr(W S W^T) on the S given, where a dead channel j (S_jj = 0) contributes
+    nothing, whatever the weight of its column."""
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(600, 128, generator=gen)
+    x[:, [3, 70]] = 0
+    s = x.T @ x / 600
+    w = random_weight(16, 128, 24)
+    w[:, [3, 70]] = 0.5  # large weights on the dead inputs: zeroed by the quantizer
+    r = quantize_weight(w, s, {"method": method, "bits": 2, "abmp_ratio": 0.0})
+    assert r.dead_channels == 2
+    assert r.proxy_error == pytest.approx(_proxy64(w, r.weight, s), rel=1e-4)
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(
+        QuantConfigError, match=r"quant\.method='awq'.*\['daq', 'gptaq', 'gptq', 'none', 'rtn', 'slim'\]"
+    ):
+        QuantSpec.from_any({"method": "awq"})
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_method_declares_the_statistics_it_needs(name):
+    """A method refuses to run without exactly the statistics its registry entry declares."""
+    method = get_method(name)
+    gen = torch.Generator().manual_seed(25)
+    x = torch.randn(256, 64, generator=gen)
+    w, s = random_weight(8, 64, 26), x.T @ x / 256
+    cfg = {"method": name, "bits": 2, "group_size": 16, "abmp_ratio": 0.0}
+    full = {"cross_moment": 1e-3 * s, "inputs": x}
+    quantize_weight(w, s, cfg, **full)
+    for statistic, needed in (("cross_moment", method.needs_cross_moment), ("inputs", method.needs_inputs)):
+        missing = {k: v for k, v in full.items() if k != statistic}
+        if needed:
+            with pytest.raises(QuantInputError, match=statistic):
+                quantize_weight(w, s, cfg, **missing)
+        else:
+            quantize_weight(w, s, cfg, **missing)
+    if method.needs_hessian(QuantSpec.from_any(cfg)):
+        with pytest.raises(QuantInputError, match="second moment"):
+            quantize_weight(w, None, cfg, **full)
+    else:
+        quantize_weight(w, None, cfg, **full)
+    orders = torch.full((4,), 2, dtype=torch.int64)
+    if method.supports_abmp:
+        assert quantize_weight(w, s, cfg, orders=orders, **full).orders.tolist() == [2] * 4
+    else:
+        with pytest.raises(QuantInputError, match="order map"):
+            quantize_weight(w, s, cfg, orders=orders, **full)

@@ -11,6 +11,7 @@ import csv
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +120,55 @@ def _save_checkpoint(
     (path / "state.tmp").replace(path / "state.pt")
 
 
+@dataclass
+class _Training:
+    """The model, its trained tensors and their optimizer in one `adapt` run."""
+
+    dllm: QwenLlamaDLLM
+    adapters: dict[str, Any]  # Linear name -> LoRA adapter
+    norms: dict[str, torch.nn.Parameter]
+    mask_vec: torch.nn.Parameter  # (d,) embedding of the mask token
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]  # per parameter group, before the schedule
+    named: dict[str, torch.nn.Parameter]  # every trained tensor by checkpoint key
+    device: torch.device
+
+    def mixed_weight(self) -> torch.Tensor:
+        """(V, d) tied embedding with the trained mask row."""
+        embedding = self.dllm.model.get_input_embeddings().weight
+        index = torch.tensor([self.dllm.mask_token_id], device=self.device)
+        return embedding.index_put((index,), self.mask_vec[None].to(embedding.dtype))
+
+
 def adapt(cfg: Any) -> Path:
-    """Train the adapter; return the adapter directory."""
+    """Train the adapter; return the adapter directory (or `cfg.out_dir` when the time budget
+    ran out first: rerun to resume)."""
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gguf = base_gguf_path(cfg.base, cfg.base.gguf_path)
     tokenizer = base_tokenizer(gguf, cfg.special)
     token_files = prepare_tokens(cfg, tokenizer)
-    train_tokens = np.load(token_files["train"], mmap_mode="r")
-    valid_tokens = np.load(token_files["valid"], mmap_mode="r")
+    tokens = {split: np.load(path, mmap_mode="r") for split, path in token_files.items()}
+    training = _setup_training(cfg, gguf, tokenizer)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, earlier_seconds = _resume(out / "checkpoint", training, gen)
+    curve_path = out / "loss_curve.csv"
+    curve = list(csv.DictReader(curve_path.open())) if start and curve_path.is_file() else []
+    curve = [r for r in curve if int(r["step"]) <= start]
+    seconds = _train(cfg, training, tokens, gen, start, earlier_seconds, curve, out)
+    if seconds is None:
+        return out
+    _write_curve(curve_path, curve)
+    _plot_curve(curve, out / "loss_curve.png")
+    summary = _training_summary(cfg, curve, start, seconds)
+    adapter_dir = _save_trained_adapter(cfg, training, gguf, tokenizer, summary, out / "adapter")
+    write_json_atomic(out / "summary.json", summary)
+    return adapter_dir
+
+
+def _setup_training(cfg: Any, gguf: Path, tokenizer) -> _Training:
+    """The frozen base model with LoRA adapters, trainable norms and mask embedding, and AdamW."""
     device = torch.device(cfg.device)
     model = load_base_model(gguf).to(device)
     model.requires_grad_(False)
@@ -149,89 +189,113 @@ def adapt(cfg: Any) -> Path:
     named = {f"lora.{k}.{p}": getattr(a, f"lora_{p}") for k, a in adapters.items() for p in ("a", "b")}
     named.update({f"norm.{k}": v for k, v in norms.items()})
     named["mask_embedding"] = mask_vec
+    return _Training(dllm, adapters, norms, mask_vec, optimizer, base_lrs, named, device)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    earlier_seconds = 0.0  # training time of the runs this one resumes
-    ckpt = out / "checkpoint"
-    if (ckpt / "state.pt").is_file():
-        saved = load_file(str(ckpt / "params.safetensors"))
-        with torch.no_grad():
-            for k, p in named.items():
-                p.copy_(saved[k])
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start = state["step"]
-        earlier_seconds = state.get("seconds", 0.0)
-        log.info("resumed from step %d", start)
 
-    def mixed_weight() -> torch.Tensor:
-        index = torch.tensor([tokenizer.mask_token_id], device=device)
-        return embedding.index_put((index,), mask_vec[None].to(embedding.dtype))
+def _resume(ckpt: Path, training: _Training, gen: torch.Generator) -> tuple[int, float]:
+    """Load the last checkpoint into `training` and `gen`; (step, training seconds so far)."""
+    if not (ckpt / "state.pt").is_file():
+        return 0, 0.0
+    saved = load_file(str(ckpt / "params.safetensors"))
+    with torch.no_grad():
+        for k, p in training.named.items():
+            p.copy_(saved[k])
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    training.optimizer.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    log.info("resumed from step %d", state["step"])
+    return state["step"], state.get("seconds", 0.0)
 
-    def valid_loss() -> float:
-        vgen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches and masks every time
-        total = 0.0
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            for _ in range(cfg.valid_batches):
-                ids = random_windows(valid_tokens, cfg.batch_size, cfg.seq_len, tokenizer.bos_token_id, vgen)
-                mask, t = sample_noise(ids.shape[0], ids.shape[1], cfg.eps, vgen)
-                total += step_loss(dllm, mixed_weight(), ids.to(device), mask.to(device), t.to(device)).item()
-        return total / cfg.valid_batches
 
-    curve_path = out / "loss_curve.csv"
-    curve = list(csv.DictReader(curve_path.open())) if start and curve_path.is_file() else []
-    curve = [r for r in curve if int(r["step"]) <= start]
+def _train(
+    cfg: Any,
+    training: _Training,
+    tokens: dict[str, np.ndarray],
+    gen: torch.Generator,
+    start: int,
+    earlier_seconds: float,
+    curve: list[dict],
+    out: Path,
+) -> float | None:
+    """Steps `start`..`cfg.max_steps`, appending to `curve` and checkpointing on the way; the
+    training seconds summed over resumed runs, or None when the time budget stopped it first."""
     began = time.perf_counter()
-    tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(range(start, cfg.max_steps), desc="adapt", initial=start, total=cfg.max_steps)
-    step = start
     for step in bar:
-        factor = _lr_factor(
-            step, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.decay_fraction, cfg.optim.min_lr_ratio
-        )
-        for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr * factor
-        ids = random_windows(train_tokens, cfg.batch_size, cfg.seq_len, tokenizer.bos_token_id, gen)
-        mask, t = sample_noise(ids.shape[0], ids.shape[1], cfg.eps, gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = step_loss(dllm, mixed_weight(), ids.to(device), mask.to(device), t.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.optim.grad_clip)
-        optimizer.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"adapt: loss is {loss.item()} at step {step}; lower adapt.optim.lr")
-        row = {
-            "step": step + 1,
-            "tokens": (step + 1) * tokens_per_step,
-            "loss": loss.item(),
-            "grad_norm": float(grad_norm),
-            "lr": optimizer.param_groups[0]["lr"],
-            "valid_loss": "",
-        }
+        row = _train_step(cfg, training, tokens["train"], gen, step)
         last = step + 1 == cfg.max_steps
         if (step + 1) % cfg.eval_every == 0 or last:
-            row["valid_loss"] = valid_loss()
+            row["valid_loss"] = _valid_loss(cfg, training, tokens["valid"])
             bar.set_postfix(loss=f"{row['loss']:.3f}", valid=f"{row['valid_loss']:.3f}")
         curve.append(row)
         out_of_time = time.perf_counter() - began > cfg.time_budget_s
         if (step + 1) % cfg.checkpoint_every == 0 or last or out_of_time:
             seconds = earlier_seconds + time.perf_counter() - began
-            _save_checkpoint(ckpt, named, optimizer, step + 1, gen.get_state(), seconds)
-            _write_curve(curve_path, curve)
+            _save_checkpoint(
+                out / "checkpoint", training.named, training.optimizer, step + 1, gen.get_state(), seconds
+            )
+            _write_curve(out / "loss_curve.csv", curve)
         if out_of_time and not last:
             log.warning(
                 "adapt.time_budget_s=%s reached at step %d; rerun to resume", cfg.time_budget_s, step + 1
             )
-            return out
-    _write_curve(curve_path, curve)
-    _plot_curve(curve, out / "loss_curve.png")
-    lora_pairs = {k: (a.lora_a, a.lora_b) for k, a in adapters.items()}
-    tensors = adapter_tensors(lora_pairs, norms, mask_vec, getattr(torch, cfg.lora.save_dtype))
-    summary = _training_summary(cfg, curve, start, earlier_seconds + time.perf_counter() - began)
-    adapter_dir = out / "adapter"
+            return None
+    return earlier_seconds + time.perf_counter() - began
+
+
+def _train_step(cfg: Any, training: _Training, train_tokens, gen: torch.Generator, step: int) -> dict:
+    """One optimizer step on a fresh batch at the scheduled learning rate; its loss-curve row."""
+    optimizer, device = training.optimizer, training.device
+    factor = _lr_factor(
+        step, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.decay_fraction, cfg.optim.min_lr_ratio
+    )
+    for group, lr in zip(optimizer.param_groups, training.base_lrs):
+        group["lr"] = lr * factor
+    ids = random_windows(train_tokens, cfg.batch_size, cfg.seq_len, training.dllm.tokenizer.bos_token_id, gen)
+    mask, t = sample_noise(ids.shape[0], ids.shape[1], cfg.eps, gen)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss = step_loss(
+            training.dllm, training.mixed_weight(), ids.to(device), mask.to(device), t.to(device)
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(training.named.values()), cfg.optim.grad_clip)
+    optimizer.step()
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"adapt: loss is {loss.item()} at step {step}; lower adapt.optim.lr")
+    return {
+        "step": step + 1,
+        "tokens": (step + 1) * cfg.batch_size * cfg.seq_len,
+        "loss": loss.item(),
+        "grad_norm": float(grad_norm),
+        "lr": optimizer.param_groups[0]["lr"],
+        "valid_loss": "",
+    }
+
+
+def _valid_loss(cfg: Any, training: _Training, valid_tokens) -> float:
+    """Mean loss over `cfg.valid_batches` batches; the same batches and masks every time."""
+    vgen = torch.Generator().manual_seed(cfg.seed + 1)
+    device, doc = training.device, training.dllm.tokenizer.bos_token_id
+    total = 0.0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        for _ in range(cfg.valid_batches):
+            ids = random_windows(valid_tokens, cfg.batch_size, cfg.seq_len, doc, vgen)
+            mask, t = sample_noise(ids.shape[0], ids.shape[1], cfg.eps, vgen)
+            loss = step_loss(
+                training.dllm, training.mixed_weight(), ids.to(device), mask.to(device), t.to(device)
+            )
+            total += loss.item()
+    return total / cfg.valid_batches
+
+
+def _save_trained_adapter(
+    cfg: Any, training: _Training, gguf: Path, tokenizer, summary: dict[str, Any], adapter_dir: Path
+) -> Path:
+    lora_pairs = {k: (a.lora_a, a.lora_b) for k, a in training.adapters.items()}
+    tensors = adapter_tensors(
+        lora_pairs, training.norms, training.mask_vec, getattr(torch, cfg.lora.save_dtype)
+    )
     save_adapter(
         adapter_dir,
         tensors,
@@ -245,7 +309,6 @@ def adapt(cfg: Any) -> Path:
         },
         tokenizer,
     )
-    write_json_atomic(out / "summary.json", summary)
     return adapter_dir
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,26 @@ from qdllm.errors import ConfigError
 from qdllm.eval.runner import evaluate
 from qdllm.models.fingerprint import source_fingerprint
 from qdllm.models.registry import load_dllm, save_dllm
-from qdllm.packing.checkpoint import save_quantized
-from qdllm.pipeline.quantize import quantize_model
+from qdllm.packing.checkpoint import provenance, save_quantized
+from qdllm.pipeline.quantize import PipelineReport, quantize_model
+from qdllm.quant.methods import get_method
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    """What one job accumulates; written as results.json / layers.parquet whatever happens."""
+
+    output_dir: Path
+    record: dict[str, Any]
+    start: float
+    timing: dict[str, float] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    tracker: Any = field(default_factory=NullTracker)
+
+    def write(self) -> None:
+        _write_record(self.record, self.layers, self.timing, self.start, self.output_dir, self.tracker)
 
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
@@ -53,7 +70,26 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     hydra = _hydra_info()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {
+    job = _Job(output_dir, _new_record(hydra, output_dir), time.perf_counter())
+    try:
+        job.record["config"] = _resolved(cfg)
+    except ConfigError as exc:
+        job.record["status"], job.record["error"] = "failed", str(exc)
+        job.write()
+        if not hydra["multirun"]:
+            raise
+        return job.record
+    model_files = source_fingerprint(job.record["config"]["model"].get("source"))
+    earlier = _earlier_run(cfg, job, model_files, hydra)
+    if earlier is not None:
+        return earlier
+    _execute(cfg, job, hydra, model_files)
+    print(format_summary(job.record))
+    return job.record
+
+
+def _new_record(hydra: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    return {
         "schema_version": SCHEMA_VERSION,
         "status": "running",
         "error": None,
@@ -68,122 +104,128 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         "memory": _gpu_memory_start(),
         "artifacts": {},
     }
-    timing: dict[str, float] = {}
-    layers: list[dict[str, Any]] = []
-    tracker, dllm = NullTracker(), None
-    start = time.perf_counter()
+
+
+def _earlier_run(
+    cfg: DictConfig, job: _Job, model_files: str | None, hydra: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The record to return without running: this job's finished one (skipped), or a failed one
+    when the dir holds another finished run (left untouched); None to run the job."""
+    if not cfg.skip_finished:
+        return None
     try:
-        record["config"] = _resolved(cfg)
+        finished = _finished_record(job.output_dir, job.record["config"], model_files)
     except ConfigError as exc:
-        record["status"], record["error"] = "failed", str(exc)
-        _write_record(record, layers, timing, start, output_dir, tracker)
-        if not hydra["multirun"]:
-            raise
-        return record
-    model_files = source_fingerprint(record["config"]["model"].get("source"))
-    try:
-        finished = _finished_record(output_dir, record["config"], model_files) if cfg.skip_finished else None
-    except ConfigError as exc:  # the dir holds another finished run: leave its record untouched
         log.error("job refused: %s", exc)
         if not hydra["multirun"]:
             raise
-        return {**record, "status": "failed", "error": str(exc)}
+        return {**job.record, "status": "failed", "error": str(exc)}
     if finished is not None:
-        print(f"[qdllm] {output_dir} already holds a finished run of this config; skipping it")
-        return finished
+        print(f"[qdllm] {job.output_dir} already holds a finished run of this config; skipping it")
+    return finished
+
+
+def _execute(cfg: DictConfig, job: _Job, hydra: dict[str, Any], model_files: str | None) -> None:
+    """Resolve, load, calibrate, quantize, evaluate and save; a failure is recorded (and raised
+    unless a multirun goes on); the record is written and the model freed in every case."""
+    dllm = None
     try:
         specs = resolve_job(cfg)
-        if cfg.print_config:
-            print(OmegaConf.to_yaml(cfg, resolve=True))
-        _seed_everything(cfg.seed)
-        record["env"] = environment(specs.model.device)
-        tracker = open_tracker(
-            specs.logger,
-            record["config"],
-            output_dir,
-            hydra["override_dirname"] or "default",
-            _group(cfg, hydra),
-        )
-        with _timed(timing, "load_model"):
+        _start(cfg, specs, job, hydra)
+        with _timed(job.timing, "load_model"):
             dllm = load_dllm(specs.model)
-        n_params = sum(p.numel() for p in dllm.model.parameters())
-        record["model"] = {
-            "name": specs.model.name,
-            "family": dllm.family,
-            "source": specs.model.source,
-            "dtype": specs.model.dtype,
-            "n_params": n_params,
-            "source_fingerprint": model_files,
-        }
-        if specs.quant.method != "none":
-            with _timed(timing, "calibration_data"):
-                windows = calibration_windows(load_texts(specs.data), dllm.tokenizer, specs.data)
-                states, _ = mcs_states(windows, dllm.mask_token_id, specs.mcs)
-            record["calib"] = {"windows": len(windows), "states": len(states), "tokens": states.numel()}
-            report = quantize_model(dllm, states, specs.quant, specs.pipeline)
-            timing.update(report.timing)
-            layers = report.layers
-        record["quant"] = {
-            **quant_summary(layers, n_params, specs.quant.method),
-            "abmp_ratio": specs.quant.abmp_ratio if specs.quant.method == "daq" else 0.0,
-            "abmp_scope": specs.quant.abmp_scope,
-        }
+        job.record["model"] = _model_record(specs, dllm, model_files)
+        report = _quantize(dllm, specs, job)
         if cfg.save_model:
-            with _timed(timing, "save_model"):
-                save_dllm(dllm, output_dir / "model")
-            record["artifacts"]["model"] = "model"
-        with _timed(timing, "eval"):
-            record["eval"] = evaluate(dllm, specs.eval)
-        # packed after the evaluation, so that the model card carries the scores
-        if cfg.pack and specs.quant.method == "none":
-            record["artifacts"]["packed"] = "not written: quant.method=none has nothing to pack"
-        elif cfg.pack:
-            with _timed(timing, "save_packed"):
-                sizes = save_quantized(
-                    dllm,
-                    report.packed,
-                    output_dir / "packed",
-                    _packed_provenance(specs, record),
-                    {"base_model": specs.model.source, "config": record["config"], "eval": record["eval"]},
-                )
-            record["quant"]["packed_bytes"] = sizes
-            record["artifacts"]["packed"] = "packed"
-        record["status"] = "ok"
+            with _timed(job.timing, "save_model"):
+                save_dllm(dllm, job.output_dir / "model")
+            job.record["artifacts"]["model"] = "model"
+        with _timed(job.timing, "eval"):
+            job.record["eval"] = evaluate(dllm, specs.eval)
+        if cfg.pack:  # after the evaluation, so that the model card carries the scores
+            _save_packed(dllm, specs, report, job)
+        job.record["status"] = "ok"
         if not cfg.keep_checkpoints and specs.pipeline.checkpoint_dir:
             shutil.rmtree(specs.pipeline.checkpoint_dir, ignore_errors=True)
     except BaseException as exc:
-        record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()
-        log.error("job failed: %s", record["error"])
+        job.record["status"] = "failed"
+        job.record["error"] = f"{type(exc).__name__}: {exc}"
+        job.record["traceback"] = traceback.format_exc()
+        log.error("job failed: %s", job.record["error"])
         if not hydra["multirun"] or not isinstance(exc, Exception):
             raise
     finally:
-        _write_record(record, layers, timing, start, output_dir, tracker)
+        job.write()
         dllm = None
         _free_memory()
-    print(format_summary(record))
-    return record
 
 
-def _packed_provenance(specs, record: dict[str, Any]) -> dict[str, Any]:
-    quant = specs.quant
+def _start(cfg: DictConfig, specs, job: _Job, hydra: dict[str, Any]) -> None:
+    """Print the config, seed every generator, record the environment, open the tracker."""
+    if cfg.print_config:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+    _seed_everything(cfg.seed)
+    job.record["env"] = environment(specs.model.device)
+    job.tracker = open_tracker(
+        specs.logger,
+        job.record["config"],
+        job.output_dir,
+        hydra["override_dirname"] or "default",
+        _group(cfg, hydra),
+    )
+
+
+def _model_record(specs, dllm, model_files: str | None) -> dict[str, Any]:
     return {
-        "method": quant.method,
-        "group_size": quant.group_size,
-        "sym": quant.sym,
-        "bits": quant.bits,
-        "order": quant.order,
-        "abmp_ratio": record["quant"]["abmp_ratio"],  # as applied: 0 for methods without ABMP
-        "abmp_scope": quant.abmp_scope,
-        "avg_bits_per_weight": record["quant"]["bits_per_weight"],
-        "calibration": {
-            "mcs": specs.mcs.enabled,
-            "nsamples": specs.data.nsamples,
-            "seqlen": specs.data.seqlen,
-        },
-        "qdllm_version": record["env"].get("qdllm"),
+        "name": specs.model.name,
+        "family": dllm.family,
+        "source": specs.model.source,
+        "dtype": specs.model.dtype,
+        "n_params": sum(p.numel() for p in dllm.model.parameters()),
+        "source_fingerprint": model_files,
     }
+
+
+def _quantize(dllm, specs, job: _Job) -> PipelineReport | None:
+    """MCS calibration states, then the pipeline (skipped for a method that does not quantize)."""
+    method = get_method(specs.quant.method)
+    report = None
+    if method.quantizes:
+        with _timed(job.timing, "calibration_data"):
+            windows = calibration_windows(load_texts(specs.data), dllm.tokenizer, specs.data)
+            states, _ = mcs_states(windows, dllm.mask_token_id, specs.mcs)
+        job.record["calib"] = {"windows": len(windows), "states": len(states), "tokens": states.numel()}
+        report = quantize_model(dllm, states, specs.quant, specs.pipeline)
+        job.timing.update(report.timing)
+        job.layers = report.layers
+    job.record["quant"] = {
+        **quant_summary(job.layers, job.record["model"]["n_params"], specs.quant.method),
+        "abmp_ratio": specs.quant.abmp_ratio if method.supports_abmp else 0.0,
+        "abmp_scope": specs.quant.abmp_scope,
+    }
+    return report
+
+
+def _save_packed(dllm, specs, report: PipelineReport | None, job: _Job) -> None:
+    if report is None:
+        job.record["artifacts"]["packed"] = (
+            f"not written: quant.method={specs.quant.method} has nothing to pack"
+        )
+        return
+    with _timed(job.timing, "save_packed"):
+        sizes = save_quantized(
+            dllm,
+            report.packed,
+            job.output_dir / "packed",
+            provenance(
+                specs.quant,
+                job.record["quant"]["bits_per_weight"],
+                {"mcs": specs.mcs.enabled, "nsamples": specs.data.nsamples, "seqlen": specs.data.seqlen},
+            ),
+            {"base_model": specs.model.source, "config": job.record["config"], "eval": job.record["eval"]},
+        )
+    job.record["quant"]["packed_bytes"] = sizes
+    job.record["artifacts"]["packed"] = "packed"
 
 
 def _write_record(record, layers, timing, start, output_dir: Path, tracker) -> None:

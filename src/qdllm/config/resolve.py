@@ -20,6 +20,7 @@ from qdllm.errors import ConfigError, require
 from qdllm.eval.runner import check_tasks
 from qdllm.models.registry import ModelSpec
 from qdllm.pipeline.quantize import PipelineSpec
+from qdllm.quant.methods import get_method
 from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
 
 LOGGERS = ("none", "wandb")
@@ -54,6 +55,15 @@ def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
     require(logger.name in LOGGERS, "logger.name", logger.name, f"use one of {LOGGERS}")
     require(logger.mode in WANDB_MODES, "logger.mode", logger.mode, f"use one of {WANDB_MODES}")
     check_tasks(run.eval)
+    method = get_method(quant.method)
+    require(
+        not run.pack
+        or not method.quantizes
+        or method.pack_kind is not None,  # none: recorded as nothing to pack
+        "pack",
+        run.pack,
+        f"quant.method={quant.method!r} has no packed format yet; run without pack",
+    )
     return JobSpecs(
         run=run,
         model=model,

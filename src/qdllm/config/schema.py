@@ -22,7 +22,7 @@ from qdllm.calib.mcs import MCSSpec
 from qdllm.data.calibration import DataSpec
 from qdllm.models.registry import ModelSpec
 from qdllm.pipeline.quantize import PipelineSpec
-from qdllm.quant.spec import QuantSpec
+from qdllm.quant.spec import DEFAULT_ABMP_RATIO, QuantSpec
 
 ABMP_FIELDS = {"abmp_ratio": "ratio", "abmp_scope": "scope"}
 
@@ -47,7 +47,7 @@ QuantConf.__doc__ = "The `quant` node: `QuantSpec` without the ABMP fields (see 
 class ABMPConf:
     """The `abmp` node (paper Alg. 3): share of weights moved to order K+1 (and as many to K-1)."""
 
-    ratio: float = 0.05  # 0 turns ABMP off
+    ratio: float = DEFAULT_ABMP_RATIO  # 0 turns ABMP off; conf/abmp/default.yaml reads the model recipe
     scope: str = "matrix"  # matrix | block
 
 

@@ -17,6 +17,7 @@ from qdllm.models.llada import LLADA_MASK_ID, LLaDA, LLaDAConfig, LLaDAModelLM
 from qdllm.models.qwen_llama import DREAM_MASK_ID, Dream, QwenLlamaDLLM
 from qdllm.models.shards import read_shards
 from qdllm.models.tokenizer import byte_level_tokenizer
+from qdllm.quant.spec import DEFAULT_ABMP_RATIO
 
 FAMILIES = ("llada", "dream", "ar_dllm")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,7 +50,7 @@ class RecipeSpec:
     calib_nsamples: int = 128
     calib_seqlen: int = 4096
     calib_source: str = "hf"
-    abmp_ratio: float = 0.05
+    abmp_ratio: float = DEFAULT_ABMP_RATIO
     abmp_scope: str = "matrix"
     group_size: int = 128
 

@@ -25,6 +25,8 @@ from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import DTYPES, build_skeleton, wrap_model
 from qdllm.packing.format import FORMAT_VERSION, ModuleFormat, PackedFormatError, module_formats
 from qdllm.packing.module import QuantizedLinear
+from qdllm.quant.methods import get_method
+from qdllm.quant.spec import QuantSpec
 
 QUANT_METHOD = "qdllm"
 SHARD_BYTES = 2 * 2**30
@@ -33,6 +35,25 @@ PACKED_KEYS = {
     "uniform": ("uq_bits", "uq_codes", "uq_scale", "weight_shape"),
 }
 OPTIONAL_KEYS = {"bcq": ("bcq_row_mean",), "uniform": ("uq_zero", "uq_mean", "uq_g_idx")}
+
+
+def provenance(quant: QuantSpec, bits_per_weight: float, calibration: dict[str, Any]) -> dict[str, Any]:
+    """The method settings a packed checkpoint records in `quantization_config` beside the module
+    formats; the ABMP ratio as applied (0 for methods without ABMP), as `results.json` records it."""
+    from qdllm import __version__
+
+    return {
+        "method": quant.method,
+        "group_size": quant.group_size,
+        "sym": quant.sym,
+        "bits": quant.bits,
+        "order": quant.order,
+        "abmp_ratio": quant.abmp_ratio if get_method(quant.method).supports_abmp else 0.0,
+        "abmp_scope": quant.abmp_scope,
+        "avg_bits_per_weight": bits_per_weight,
+        "calibration": calibration,
+        "qdllm_version": __version__,
+    }
 
 
 def save_quantized(

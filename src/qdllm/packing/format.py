@@ -19,8 +19,6 @@ from qdllm.quant.spec import SCALE_DTYPES
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 KINDS = ("bcq", "uniform")
-# packed kind of every quantization method: binary-coded planes (DAQ, paper eq. 3) or uniform codes
-PACKED_KINDS = {"daq": "bcq", "rtn": "uniform", "gptq": "uniform", "gptaq": "uniform", "slim": "uniform"}
 FIELDS = {"bcq": ("group_size", "scale_dtype"), "uniform": ("group_size", "scale_dtype", "sym")}
 GROUP_KEY = {"bcq": "bcq_k", "uniform": "uq_bits"}  # one entry per column group
 SCALE_KEYS = {"bcq": ("bcq_row_scale", "bcq_col_scale", "bcq_row_mean"), "uniform": ("uq_scale", "uq_mean")}

@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 
 from qdllm.packing.bits import pack_bits, unpack_bits
-from qdllm.packing.format import PACKED_KINDS, ModuleFormat, PackedFormatError
+from qdllm.packing.format import ModuleFormat, PackedFormatError
 from qdllm.quant.daq import BinaryCode
 from qdllm.quant.groups import group_slices
+from qdllm.quant.methods import get_method
 from qdllm.quant.uniform import UniformParams
 
 
@@ -200,27 +201,25 @@ def unpack_uniform(tensors: dict, sym: bool, group_size: int) -> torch.Tensor:
 
 def pack_result(result, quant, shape: tuple[int, int]) -> tuple[ModuleFormat, dict[str, torch.Tensor]]:
     """(format, tensors) of one `quantize_weight(..., return_state=True)` result; `quant` its QuantSpec.
-    The format records what the tensors were produced with: the result's group size, the scale
-    dtype, and for uniform grids whether the quantizer implied the zero point (`state["sym"]`: SliM-LLM
-    fits asymmetric grids whatever `quant.sym` says)."""
-    kind = PACKED_KINDS.get(result.method)
-    if kind is None:
-        raise PackedFormatError(
-            f"quant.method={result.method!r} has no packed format; run without pipeline.pack"
-        )
+    The method's `pack_kind` names the layout; the format records what the tensors were produced with:
+    the result's group size, the scale dtype, and for uniform grids whether the quantizer implied the
+    zero point (`state["sym"]`: SliM-LLM fits asymmetric grids whatever `quant.sym` says). Uniform groups
+    are stored at their `result.orders`."""
+    kind = get_method(result.method).pack_kind
     if kind == "bcq":
         fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype)
         return fmt, pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
-    params, sym = result.state["params"], result.state["sym"]
-    bits = result.orders.tolist() if result.method == "slim" else [quant.bits] * len(params)
-    fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype, sym)
-    tensors = pack_uniform(
-        result.weight.float(),
-        params,
-        result.state.get("g_idx"),
-        bits,
-        sym,
-        result.group_size,
-        quant.torch_scale_dtype,
-    )
-    return fmt, tensors
+    if kind == "uniform":
+        params, sym = result.state["params"], result.state["sym"]
+        fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype, sym)
+        tensors = pack_uniform(
+            result.weight.float(),
+            params,
+            result.state.get("g_idx"),
+            result.orders.tolist(),
+            sym,
+            result.group_size,
+            quant.torch_scale_dtype,
+        )
+        return fmt, tensors
+    raise PackedFormatError(f"quant.method={result.method!r} has no packed format; run without pipeline.pack")

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from qdllm.quant.abmp import allocate_orders, group_scores
 from qdllm.quant.groups import group_sizes
 from qdllm.quant.hessian import factorize
 from qdllm.quant.importance import importance
+from qdllm.quant.methods import QuantMethod, get_method
 
 CACHE_DEVICES = ("model", "cpu", "disk")
 
@@ -141,6 +143,27 @@ def _fingerprint(quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM, pack
     return h.hexdigest()[:16]
 
 
+@dataclass
+class _Run:
+    """What the steps of one `quantize_model` call share."""
+
+    dllm: DiffusionLM
+    quant: QuantSpec
+    method: QuantMethod
+    spec: PipelineSpec
+    home: torch.device  # where the model's weights live
+    device: torch.device  # where blocks execute
+    cache: HiddenCache  # inputs of the current block in the partially quantized model
+    fp_cache: HiddenCache | None  # the same in the FP model, for methods that need the cross moment
+    ckpt: Path | None
+    report: PipelineReport
+    timing: dict[str, float]
+
+    @property
+    def offload(self) -> bool:
+        return self.device != self.home
+
+
 @torch.no_grad()
 def quantize_model(
     dllm: DiffusionLM, states: torch.Tensor, quant_cfg: Any, spec: PipelineSpec | None = None
@@ -148,141 +171,186 @@ def quantize_model(
     """Fake-quantize `dllm` in place on calibration `states` (M, L) int64; returns metrics."""
     spec = (spec or PipelineSpec()).validated()
     quant = QuantSpec.from_any(quant_cfg)
-    if quant.method == "none":
-        return PipelineReport()
-    with contextlib.ExitStack() as caches:  # hidden-state caches go (disk: removed) however the run ends
-        return _quantize_blocks(dllm, states, quant, spec, caches)
-
-
-def _quantize_blocks(
-    dllm: DiffusionLM,
-    states: torch.Tensor,
-    quant: QuantSpec,
-    spec: PipelineSpec,
-    caches: contextlib.ExitStack,
-) -> PipelineReport:
-    """`quantize_model`'s work; the hidden-state caches it opens are entered into `caches`."""
+    method = get_method(quant.method)
     report = PipelineReport()
-    timing: dict[str, float] = defaultdict(float)
+    if not method.quantizes:
+        return report
     home = dllm.device
     device = torch.device(spec.exec_device) if spec.exec_device else home
-    offload = device != home
-    if offload:
-        for module in dllm.shared_modules():
-            module.to(device)
-    cache = caches.enter_context(
-        HiddenCache(
-            "disk" if spec.cache_device == "disk" else "memory",
-            device if spec.cache_device == "model" else torch.device("cpu"),
-            spec.cache_dir,
-        )
-    )
-
-    start = _clock(device)
-    for i, batch in enumerate(states.split(spec.batch_size)):
-        cache[i] = dllm.embed(batch.to(home)).to(cache.device)
-    timing["embed"] += _clock(device) - start
-    # GPTAQ fits each Linear to the FP model's output on FP inputs: a second cache carries the FP
-    # trajectory through the unquantized blocks (the only method that needs two copies)
-    fp_cache = None
-    if quant.method == "gptaq":
-        fp_cache = caches.enter_context(HiddenCache(cache.kind, cache.device, spec.cache_dir))
-        for i, chunk in enumerate(cache):
-            fp_cache[i] = chunk.clone()
-
-    ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
-    if ckpt is not None:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(quant, states, dllm, spec.pack)
-        manifest = ckpt / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text())["fingerprint"] != fingerprint:
-            raise RuntimeError(
-                f"pipeline.checkpoint_dir={ckpt} holds a run with another config or calibration set; "
-                "use a fresh directory"
-            )
-        write_json_atomic(manifest, {"fingerprint": fingerprint})
-
-    blocks = dllm.blocks()
-    names = dllm.module_names()
-    bar = tqdm(range(len(blocks)), desc="quantize blocks", disable=not spec.progress)
-    for b in bar:
-        block = blocks[b]
-        if offload:
-            block.to(device)
-        run_block = lambda h, blk=block: dllm.block_forward(blk, h)  # noqa: E731
-        fp_block = copy.deepcopy(block) if fp_cache is not None else None  # before any write-back
-        done = ckpt is not None and (ckpt / f"block_{b:04d}.json").exists()
-        packed: dict[str, tuple[ModuleFormat, dict[str, torch.Tensor]]] = {}
-        if done:
-            _load_block(block, ckpt, b)
-            report.packed.update(_load_packed(ckpt, b))
-            report.layers.extend(json.loads((ckpt / f"block_{b:04d}.json").read_text()))
-            report.blocks_resumed += 1
-        else:
-            orders = (
-                _block_orders(dllm, block, cache, quant, device, run_block)
-                if quant.method == "daq" and quant.abmp_ratio > 0 and quant.abmp_scope == "block"
-                else {}  # ABMP is DAQ's: the baselines keep one width for every group
-            )
-            rows = []
-            for stage in dllm.stages:
-                bar.set_postfix_str(stage.name)
-                modules = [block.get_submodule(n) for n in stage.linears]
-                t0 = _clock(device)
-                cross = None
-                if fp_block is None:
-                    (s,) = second_moments(run_block, modules[:1], cache, device, allow_tf32=spec.allow_tf32)
-                else:
-                    s, cross = asymmetric_moments(
-                        run_block,
-                        lambda h, blk=fp_block: dllm.block_forward(blk, h),
-                        modules[0],
-                        fp_block.get_submodule(stage.linears[0]),
-                        cache,
-                        fp_cache,
-                        device,
-                        allow_tf32=spec.allow_tf32,
-                    )
-                sample = None
-                if quant.method == "slim":
-                    sample = stage_input_sample(run_block, modules[0], cache, device, quant.slim_kl_tokens)
-                timing[f"stats/{stage.name}"] += _clock(device) - t0
-                for name, module in zip(stage.linears, modules, strict=True):
-                    t0 = _clock(device)
-                    result = quantize_weight(
-                        module.weight,
-                        s,
-                        quant,
-                        orders=orders.get(name),
-                        cross_moment=cross,
-                        inputs=sample,
-                        return_state=spec.pack,
-                    )
-                    module.weight.copy_(result.weight)
-                    if spec.pack:
-                        fmt, tensors = pack_result(result, quant, tuple(module.weight.shape))
-                        packed[names[id(module)]] = (fmt, {k: v.cpu() for k, v in tensors.items()})
-                    timing[f"quant/{stage.name}"] += _clock(device) - t0
-                    rows.append(_row(b, stage.name, name, module, result))
-            if ckpt is not None:
-                _save_block(block, dllm, ckpt, b, rows, packed)
-            report.layers.extend(rows)
-            report.packed.update(packed)
-        t0 = _clock(device)
-        for i, chunk in enumerate(cache):
-            cache[i] = run_block(chunk.to(device)).to(cache.device)
-        if fp_block is not None:
-            for i, chunk in enumerate(fp_cache):
-                fp_cache[i] = dllm.block_forward(fp_block, chunk.to(device)).to(fp_cache.device)
-            del fp_block
-        timing["propagate"] += _clock(device) - t0
-        if offload:
-            block.to(home)
-    if offload:
-        for module in dllm.shared_modules():
-            module.to(home)
+    _move_shared_modules(dllm, home, device)
+    timing: dict[str, float] = defaultdict(float)
+    with contextlib.ExitStack() as caches:  # the caches are closed (disk: removed) however the run ends
+        cache = caches.enter_context(_new_cache(spec, device))
+        _embed(dllm, states, spec, cache, device, timing)
+        fp_cache = None
+        if method.needs_cross_moment:
+            # GPTAQ fits each Linear to the FP model's output on FP inputs: a second cache carries the
+            # FP trajectory through the unquantized blocks (the only method that needs two copies)
+            fp_cache = caches.enter_context(HiddenCache(cache.kind, cache.device, spec.cache_dir))
+            for i, chunk in enumerate(cache):
+                fp_cache[i] = chunk.clone()
+        ckpt = _open_checkpoint_dir(spec, quant, states, dllm)
+        run = _Run(dllm, quant, method, spec, home, device, cache, fp_cache, ckpt, report, timing)
+        bar = tqdm(range(len(dllm.blocks())), desc="quantize blocks", disable=not spec.progress)
+        for b in bar:
+            _process_block(run, b, bar)
+    _move_shared_modules(dllm, device, home)
     report.timing = dict(timing)
     return report
+
+
+def _move_shared_modules(dllm: DiffusionLM, source: torch.device, target: torch.device) -> None:
+    """Embeddings, final norm and head follow the blocks to the execution device and back."""
+    if source != target:
+        for module in dllm.shared_modules():
+            module.to(target)
+
+
+def _new_cache(spec: PipelineSpec, device: torch.device) -> HiddenCache:
+    return HiddenCache(
+        "disk" if spec.cache_device == "disk" else "memory",
+        device if spec.cache_device == "model" else torch.device("cpu"),
+        spec.cache_dir,
+    )
+
+
+def _embed(
+    dllm: DiffusionLM,
+    states: torch.Tensor,
+    spec: PipelineSpec,
+    cache: HiddenCache,
+    device: torch.device,
+    timing: dict[str, float],
+) -> None:
+    """The embedded calibration states (M, L, d), chunk by chunk, into `cache`."""
+    start = _clock(device)
+    for i, batch in enumerate(states.split(spec.batch_size)):
+        cache[i] = dllm.embed(batch.to(device)).to(cache.device)
+    timing["embed"] += _clock(device) - start
+
+
+def _open_checkpoint_dir(
+    spec: PipelineSpec, quant: QuantSpec, states: torch.Tensor, dllm: DiffusionLM
+) -> Path | None:
+    """The per-block checkpoint directory, refused when it holds another run's blocks."""
+    if not spec.checkpoint_dir:
+        return None
+    ckpt = Path(spec.checkpoint_dir)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(quant, states, dllm, spec.pack)
+    manifest = ckpt / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text())["fingerprint"] != fingerprint:
+        raise RuntimeError(
+            f"pipeline.checkpoint_dir={ckpt} holds a run with another config or calibration set; "
+            "use a fresh directory"
+        )
+    write_json_atomic(manifest, {"fingerprint": fingerprint})
+    return ckpt
+
+
+def _process_block(run: _Run, b: int, bar) -> None:
+    """Quantize block b (or reload it from its checkpoint), then carry the caches through it."""
+    block = run.dllm.blocks()[b]
+    if run.offload:
+        block.to(run.device)
+    fp_block = copy.deepcopy(block) if run.fp_cache is not None else None  # before any write-back
+    if run.ckpt is not None and (run.ckpt / f"block_{b:04d}.json").exists():
+        _resume_block(run, block, b)
+    else:
+        _quantize_block(run, block, fp_block, b, bar)
+    _propagate(run, block, fp_block)
+    if run.offload:
+        block.to(run.home)
+
+
+def _resume_block(run: _Run, block, b: int) -> None:
+    _load_block(block, run.ckpt, b)
+    run.report.packed.update(_load_packed(run.ckpt, b))
+    run.report.layers.extend(json.loads((run.ckpt / f"block_{b:04d}.json").read_text()))
+    run.report.blocks_resumed += 1
+
+
+def _quantize_block(run: _Run, block, fp_block, b: int, bar) -> None:
+    """Quantize the stages of one block in order; checkpoint the block when it is done."""
+    quant = run.quant
+    block_scope_abmp = run.method.supports_abmp and quant.abmp_ratio > 0 and quant.abmp_scope == "block"
+    orders = (
+        _block_orders(run.dllm, block, run.cache, quant, run.device, partial(run.dllm.block_forward, block))
+        if block_scope_abmp
+        else {}  # other methods keep one width for every group
+    )
+    rows: list[dict[str, Any]] = []
+    packed: dict[str, tuple[ModuleFormat, dict[str, torch.Tensor]]] = {}
+    for stage in run.dllm.stages:
+        bar.set_postfix_str(stage.name)
+        _quantize_stage(run, block, fp_block, stage, orders, b, rows, packed)
+    if run.ckpt is not None:
+        _save_block(block, run.dllm, run.ckpt, b, rows, packed)
+    run.report.layers.extend(rows)
+    run.report.packed.update(packed)
+
+
+def _quantize_stage(
+    run: _Run, block, fp_block, stage, orders: dict, b: int, rows: list, packed: dict
+) -> None:
+    """Statistics of the stage's shared input, then every Linear of the stage, written back."""
+    modules = [block.get_submodule(n) for n in stage.linears]
+    t0 = _clock(run.device)
+    s, cross, sample = _stage_statistics(run, block, fp_block, stage, modules[0])
+    run.timing[f"stats/{stage.name}"] += _clock(run.device) - t0
+    names = run.dllm.module_names()
+    for name, module in zip(stage.linears, modules, strict=True):
+        t0 = _clock(run.device)
+        result = quantize_weight(
+            module.weight,
+            s,
+            run.quant,
+            orders=orders.get(name),
+            cross_moment=cross,
+            inputs=sample,
+            return_state=run.spec.pack,
+        )
+        module.weight.copy_(result.weight)
+        if run.spec.pack:
+            fmt, tensors = pack_result(result, run.quant, tuple(module.weight.shape))
+            packed[names[id(module)]] = (fmt, {k: v.cpu() for k, v in tensors.items()})
+        run.timing[f"quant/{stage.name}"] += _clock(run.device) - t0
+        rows.append(_row(b, stage.name, name, module, result))
+
+
+def _stage_statistics(run: _Run, block, fp_block, stage, first) -> tuple:
+    """S (C, C) of the stage input in the partially quantized model; with an FP block also
+    GPTAQ's cross moment D (C, C); for methods that need them, a raw input sample (n, C)."""
+    dllm, device, tf32 = run.dllm, run.device, run.spec.allow_tf32
+    run_block = partial(dllm.block_forward, block)
+    cross, sample = None, None
+    if fp_block is None:
+        (s,) = second_moments(run_block, [first], run.cache, device, allow_tf32=tf32)
+    else:
+        s, cross = asymmetric_moments(
+            run_block,
+            partial(dllm.block_forward, fp_block),
+            first,
+            fp_block.get_submodule(stage.linears[0]),
+            run.cache,
+            run.fp_cache,
+            device,
+            allow_tf32=tf32,
+        )
+    if run.method.needs_inputs:
+        sample = stage_input_sample(run_block, first, run.cache, device, run.quant.slim_kl_tokens)
+    return s, cross, sample
+
+
+def _propagate(run: _Run, block, fp_block) -> None:
+    """Overwrite the caches with the block's outputs: the quantized block, and the FP one."""
+    t0 = _clock(run.device)
+    for i, chunk in enumerate(run.cache):
+        run.cache[i] = run.dllm.block_forward(block, chunk.to(run.device)).to(run.cache.device)
+    if fp_block is not None:
+        for i, chunk in enumerate(run.fp_cache):
+            run.fp_cache[i] = run.dllm.block_forward(fp_block, chunk.to(run.device)).to(run.fp_cache.device)
+    run.timing["propagate"] += _clock(run.device) - t0
 
 
 def _block_orders(dllm, block, chunks, quant: QuantSpec, device, run_block) -> dict[str, torch.Tensor]:

@@ -1,10 +1,12 @@
 """Pure tensor functions that quantize one Linear weight W (out x in) given its input second moment S.
 
-Entry point: `quantize_weight(weight, hessian, cfg)`.
+Entry point: `quantize_weight(weight, hessian, cfg)`; the methods live in `qdllm.quant.methods`.
 """
 
-from qdllm.quant.api import QuantInputError, QuantResult, daq_orders, quantize_weight
-from qdllm.quant.spec import QuantConfigError, QuantSpec
+from qdllm.quant.api import QuantResult, quantize_weight
+from qdllm.quant.errors import QuantConfigError, QuantInputError
+from qdllm.quant.methods import daq_orders, get_method
+from qdllm.quant.spec import QuantSpec
 
 __all__ = [
     "QuantConfigError",
@@ -12,5 +14,6 @@ __all__ = [
     "QuantResult",
     "QuantSpec",
     "daq_orders",
+    "get_method",
     "quantize_weight",
 ]

@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 
-from qdllm.errors import ConfigError
+from qdllm.quant.errors import QuantConfigError, check_field
+from qdllm.quant.methods import get_method
 
-METHODS = ("none", "rtn", "gptq", "gptaq", "slim", "daq")
+# ABMP's share of weights moved to K+1 (and as many to K-1): the paper's LLaDA setting (Table 2b).
+# The Hydra schema uses it too; a model recipe overrides it (`model.recipe.abmp_ratio`, Dream 0.10).
+DEFAULT_ABMP_RATIO = 0.05
 Z_MODES = ("inv_diag_sq", "inv_diag", "chol_diag_sq", "magnitude")
 COMPENSATIONS = ("auto", "off", "diag", "exact")
 DOR_SCOPES = ("group", "matrix")
@@ -24,17 +27,12 @@ ABMP_SCOPES = ("matrix", "block")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class QuantConfigError(ConfigError):
-    """A quantization setting is invalid; the message names the field and the fix."""
-
-
 @dataclass(frozen=True)
 class QuantSpec:
-    """Every knob of `quantize_weight`. Defaults: the paper's (§3.3-3.4) or docs/DESIGN.md.
+    """Every knob of `quantize_weight`; `method` names a `qdllm.quant.methods.QuantMethod`.
 
-    Methods: ``none`` (identity), ``rtn`` (round to nearest, min-max per group), ``gptq``
-    (GPTQ/OBQ column-wise with lazy blocks), ``daq`` (Quant-dLLM's data-aware any-order
-    binary-coded quantizer).
+    `bits` is the width of every method: DAQ's order K (paper eq. 3) is `bits`. `order` may be
+    left out (None: it becomes `bits`); given, it must equal `bits`.
     """
 
     method: str = "daq"
@@ -52,8 +50,8 @@ class QuantSpec:
     # slim (SliM-LLM): weight of salient elements in SQC; calibration tokens for the KL choice of k
     slim_lambda: float = 1.0
     slim_kl_tokens: int = 2048
-    # daq (paper eq. 3-10, Alg. 2)
-    order: int = 2
+    # daq (paper eq. 3-10, Alg. 2); order K = bits
+    order: int | None = None
     lam: float = 2.0
     iters: int = 10
     z_mode: str = "inv_diag_sq"
@@ -64,7 +62,8 @@ class QuantSpec:
     row_center: bool = False
     eps: float = 1e-7
     # cross-group error compensation (GPTQ/OBC style; any per-group quantizer).
-    # "auto" = the method's own default: daq -> diag, rtn -> off, gptq -> column-wise (built in)
+    # "auto" = the method's own default (`QuantMethod.default_compensation`); GPTQ-style methods
+    # compensate column by column, built in
     compensation: str = "auto"
     # Hessian utilities
     damp: float = 0.01
@@ -75,8 +74,12 @@ class QuantSpec:
     # favour small batches, GPUs large ones)
     batch_elements: int = 2**22
     # ABMP (Alg. 3)
-    abmp_ratio: float = 0.0
+    abmp_ratio: float = DEFAULT_ABMP_RATIO
     abmp_scope: str = "matrix"
+
+    def __post_init__(self) -> None:
+        if self.order is None:  # frozen: the one place the default order is filled in
+            object.__setattr__(self, "order", self.bits)
 
     @classmethod
     def from_any(cls, cfg: Any) -> QuantSpec:
@@ -101,12 +104,22 @@ class QuantSpec:
         return cls(**dict(cfg)).validated()
 
     def validated(self) -> QuantSpec:
-        def need(ok: bool, field: str, msg: str) -> None:
-            if not ok:
-                raise QuantConfigError(f"quant.{field}={getattr(self, field)!r}: {msg}")
+        """Check every field, then the method's own rules; return self."""
+        method = get_method(self.method)
+        self._check_ranges()
+        method.validate(self)
+        return self
 
-        need(self.method in METHODS, "method", f"must be one of {METHODS}")
+    def _check_ranges(self) -> None:
+        def need(ok: bool, field: str, msg: str) -> None:
+            check_field(ok, self, field, msg)
+
         need(isinstance(self.bits, int) and 1 <= self.bits <= 8, "bits", "must be an int in [1, 8]")
+        need(
+            self.order == self.bits,
+            "order",
+            f"contradicts quant.bits={self.bits!r}: DAQ's order K is the bit width; set quant.bits alone",
+        )
         need(
             isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1),
             "group_size",
@@ -116,11 +129,6 @@ class QuantSpec:
         need(self.gptaq_alpha >= 0, "gptaq_alpha", "must be >= 0 (0 turns GPTAQ into GPTQ)")
         need(self.slim_lambda > 0, "slim_lambda", "must be > 0")
         need(self.slim_kl_tokens >= 1, "slim_kl_tokens", "must be >= 1")
-        if self.method == "slim":
-            need(self.bits >= 2, "bits", "SliM-LLM moves groups to bits-1, so it needs bits >= 2")
-            need(not self.act_order, "act_order", "SliM-LLM keeps the natural column order (groups)")
-            need(not self.static_groups, "static_groups", "SliM-LLM fits each group when it starts")
-        need(isinstance(self.order, int) and 1 <= self.order <= 8, "order", "must be an int in [1, 8]")
         need(self.lam >= 1.0, "lam", "the outlier weight lambda must be >= 1 (1 disables DOR)")
         need(isinstance(self.iters, int) and self.iters >= 0, "iters", "must be an int >= 0")
         need(self.z_mode in Z_MODES, "z_mode", f"must be one of {Z_MODES}")
@@ -134,11 +142,6 @@ class QuantSpec:
         need(self.scale_dtype in SCALE_DTYPES, "scale_dtype", f"must be one of {list(SCALE_DTYPES)}")
         need(0.0 <= self.abmp_ratio <= 0.5, "abmp_ratio", "must lie in [0, 0.5] (0 turns ABMP off)")
         need(self.abmp_scope in ABMP_SCOPES, "abmp_scope", f"must be one of {ABMP_SCOPES}")
-        if self.method == "daq" and self.abmp_ratio > 0:
-            need(self.order >= 2, "order", "ABMP moves groups to order K-1, so it needs order >= 2")
-        if self.method in ("gptq", "gptaq") and self.static_groups:
-            need(self.group_size != -1, "static_groups", "needs a finite group_size")
-        return self
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
