@@ -27,7 +27,9 @@ def plane_signs(signs_ptr, rows, row_mask, words_per_row, bit, BN: tl.constexpr,
     hi_mask = row_mask[:, None] & (word + 1 < words_per_row)[None, :] & (shift != 0)
     hi = tl.load(base + 1, mask=hi_mask, other=0)
     # a funnel shift; hi is 0 when shift is 0, where `32 - shift` would overflow the shift
-    chunk = (lo.to(tl.uint32, bitcast=True) >> shift) | (hi.to(tl.uint32, bitcast=True) << ((32 - shift) & 31))
+    chunk = (lo.to(tl.uint32, bitcast=True) >> shift) | (
+        hi.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)
+    )
     lane = tl.arange(0, 32).to(tl.uint32)
     sign = (chunk[:, :, None] << (31 - lane)[None, None, :]) & 0x80000000
     # sign bit 1 -> 0x3F800000 = +1.0f, 0 -> 0xBF800000 = -1.0f: two integer ops per weight bit

@@ -36,7 +36,9 @@ def gather_codes(codes_ptr, rows, row_mask, words_per_row, bit, col_mask, code_b
 
 
 @triton.jit
-def unpack_word_codes(codes_ptr, rows, row_mask, words_per_row, bit, BN: tl.constexpr, GSP: tl.constexpr, B: tl.constexpr):
+def unpack_word_codes(
+    codes_ptr, rows, row_mask, words_per_row, bit, BN: tl.constexpr, GSP: tl.constexpr, B: tl.constexpr
+):
     """(BN, GSP) uint32 codes when every code has B bits, B divides 32 and `bit` is word-aligned:
     each loaded word holds 32 / B whole codes."""
     PER: tl.constexpr = 32 // B
@@ -50,10 +52,26 @@ def unpack_word_codes(codes_ptr, rows, row_mask, words_per_row, bit, BN: tl.cons
 
 
 @triton.jit
-def group_codes(codes_ptr, col_bit_ptr, rows, row_mask, words_per_row, orig, col_mask, g, code_bits, GS: tl.constexpr, BN: tl.constexpr, GSP: tl.constexpr, WORD_BITS: tl.constexpr):
+def group_codes(
+    codes_ptr,
+    col_bit_ptr,
+    rows,
+    row_mask,
+    words_per_row,
+    orig,
+    col_mask,
+    g,
+    code_bits,
+    GS: tl.constexpr,
+    BN: tl.constexpr,
+    GSP: tl.constexpr,
+    WORD_BITS: tl.constexpr,
+):
     """(BN, GSP) uint32 codes of group g's columns `orig` (original indices, (GSP,))."""
     if WORD_BITS:
-        codes = unpack_word_codes(codes_ptr, rows, row_mask, words_per_row, g * GS * WORD_BITS, BN, GSP, WORD_BITS)
+        codes = unpack_word_codes(
+            codes_ptr, rows, row_mask, words_per_row, g * GS * WORD_BITS, BN, GSP, WORD_BITS
+        )
     else:
         bit = tl.load(col_bit_ptr + orig, mask=col_mask, other=0)
         codes = gather_codes(codes_ptr, rows, row_mask, words_per_row, bit, col_mask, code_bits)
@@ -61,7 +79,9 @@ def group_codes(codes_ptr, col_bit_ptr, rows, row_mask, words_per_row, orig, col
 
 
 @triton.jit
-def row_offsets(scale_ptr, zero_ptr, mean_ptr, rows, row_mask, g, R, code_bits, zero_bit, mean_index, SYM: tl.constexpr):
+def row_offsets(
+    scale_ptr, zero_ptr, mean_ptr, rows, row_mask, g, R, code_bits, zero_bit, mean_index, SYM: tl.constexpr
+):
     """(BN,) fp32 scale s and offset of group g: the zero point z of a uniform group, the mean mu of
     a binarised one (mean_index >= 0)."""
     scale = tl.load(scale_ptr + g * R + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -100,7 +120,10 @@ def _uniform_matmul_kernel(
         x_ptrs = x_ptr + toks[None, :].to(tl.int64) * stride_xm + orig[:, None]
         xt = tl.load(x_ptrs, mask=col_mask[:, None] & tok_mask[None, :], other=0.0)
         code_bits = tl.load(code_bits_ptr + g)
-        codes = group_codes(codes_ptr, col_bit_ptr, rows, row_mask, words_per_row, orig, col_mask, g, code_bits, GS, BN, GSP, WORD_BITS)  # fmt: skip
+        codes = group_codes(
+            codes_ptr, col_bit_ptr, rows, row_mask, words_per_row, orig, col_mask, g, code_bits,
+            GS, BN, GSP, WORD_BITS,
+        )  # fmt: skip
         qx = tl.dot(codes.to(tl.float32).to(tl.bfloat16), xt.to(tl.bfloat16))
         scale, offset, binary = row_offsets(
             scale_ptr, zero_ptr, mean_ptr, rows, row_mask, g, R, code_bits,
@@ -137,7 +160,10 @@ def _uniform_dequant_kernel(
     if PERMUTED:
         orig = tl.load(perm_ptr + orig, mask=col_mask, other=0)
     code_bits = tl.load(code_bits_ptr + g)
-    codes = group_codes(codes_ptr, col_bit_ptr, rows, row_mask, words_per_row, orig, col_mask, g, code_bits, GS, BN, GSP, WORD_BITS)  # fmt: skip
+    codes = group_codes(
+        codes_ptr, col_bit_ptr, rows, row_mask, words_per_row, orig, col_mask, g, code_bits,
+        GS, BN, GSP, WORD_BITS,
+    )  # fmt: skip
     codes = codes.to(tl.float32)
     scale, offset, binary = row_offsets(
         scale_ptr, zero_ptr, mean_ptr, rows, row_mask, g, R, code_bits,
