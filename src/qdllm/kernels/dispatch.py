@@ -36,7 +36,7 @@ def fused_config(rows: int, groups: int, tokens: int, processors: int, block_row
     block_tokens = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
     tiles = -(-rows // block_rows) * -(-tokens // block_tokens)
     splits = min(groups, max(1, -(-4 * processors // tiles)))
-    return FusedConfig(block_rows, block_tokens, -(-groups // splits))
+    return FusedConfig(block_rows, block_tokens, groups // splits)  # rounded down: >= `splits` programs
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
