@@ -174,9 +174,9 @@ def tune_fused(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> 
     processors = torch.cuda.get_device_properties(0).multi_processor_count
     x = torch.randn(tokens, plans[0].cols, generator=gen).bfloat16().cuda()
     out = []
-    for block_rows in (16, 32, 64, 128):
+    for block_rows in (32, 64, 128):
         tiles = -(-plans[0].rows // block_rows)
-        for fill in (0, 2, 4, 8):
+        for fill in (0, 4, 8):
             splits = 1 if fill == 0 else min(plans[0].groups, max(1, -(-fill * processors // tiles)))
             for warps in (4, 8):
                 config = FusedConfig(block_rows, 16, -(-plans[0].groups // splits), warps)

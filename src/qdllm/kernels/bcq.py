@@ -146,6 +146,7 @@ def _mean_or_dummy(tensors: dict) -> tuple[torch.Tensor, bool]:
 def bcq_matmul(
     x: torch.Tensor,
     tensors: dict,
+    shape: tuple[int, int],
     layout: BcqLayout,
     group_size: int,
     block_rows: int,
@@ -155,7 +156,7 @@ def bcq_matmul(
 ) -> torch.Tensor:
     """x (M, C) -> (M, R) = x W^T in x's dtype, W never formed. Groups are split over
     ceil(G / groups_per_program) programs per row block, which then add into an fp32 output."""
-    rows, cols = (int(v) for v in tensors["weight_shape"])
+    rows, cols = shape
     tokens = x.shape[0]
     splits = -(-layout.order.numel() // groups_per_program)
     atomic = splits > 1
@@ -174,11 +175,17 @@ def bcq_matmul(
 
 
 def bcq_dequantize_rows(
-    out: torch.Tensor, tensors: dict, layout: BcqLayout, group_size: int, row0: int, block_rows: int
+    out: torch.Tensor,
+    tensors: dict,
+    shape: tuple[int, int],
+    layout: BcqLayout,
+    group_size: int,
+    row0: int,
+    block_rows: int,
 ) -> None:
     """Write rows row0 .. row0 + len(out) - 1 of W (eq. 3) into `out` (n, C), bitwise equal to
     `unpack_daq` in fp32 before the cast to out's dtype."""
-    rows, cols = (int(v) for v in tensors["weight_shape"])
+    rows, cols = shape
     mean, has_mean = _mean_or_dummy(tensors)
     grid = (triton.cdiv(out.shape[0], block_rows), layout.order.numel())
     _bcq_dequant_kernel[grid](

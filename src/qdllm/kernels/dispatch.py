@@ -55,7 +55,9 @@ class PackedMatmul:
 
     def __init__(self, tensors: dict[str, torch.Tensor], kind: str, group_size: int, sym: bool):
         self.tensors, self.kind, self.group_size, self.sym = tensors, kind, group_size, sym
-        self.rows, self.cols = (int(v) for v in tensors["weight_shape"])
+        self.rows, self.cols = self.shape = tuple(
+            int(v) for v in tensors["weight_shape"]
+        )  # read once: no sync per call
         self.device = tensors["weight_shape"].device
         builder = bcq_layout if kind == "bcq" else uniform_layout
         self.layout: BcqLayout | UniformLayout = builder(tensors, group_size, self.device)
@@ -70,22 +72,31 @@ class PackedMatmul:
         if self.kind == "bcq":
             from qdllm.kernels.bcq import bcq_matmul
 
-            return bcq_matmul(x, self.tensors, self.layout, self.group_size, *launch)
+            return bcq_matmul(x, self.tensors, self.shape, self.layout, self.group_size, *launch)
         from qdllm.kernels.uniform import uniform_matmul
 
-        return uniform_matmul(x, self.tensors, self.layout, self.group_size, self.sym, *launch)
+        return uniform_matmul(x, self.tensors, self.shape, self.layout, self.group_size, self.sym, *launch)
 
     def dequantize_rows(self, out: torch.Tensor, row0: int) -> None:
         """Rows row0 .. row0 + len(out) - 1 of W into `out` (n, C)."""
         if self.kind == "bcq":
             from qdllm.kernels.bcq import bcq_dequantize_rows
 
-            bcq_dequantize_rows(out, self.tensors, self.layout, self.group_size, row0, DEQUANT_BLOCK_ROWS)
+            bcq_dequantize_rows(
+                out, self.tensors, self.shape, self.layout, self.group_size, row0, DEQUANT_BLOCK_ROWS
+            )
         else:
             from qdllm.kernels.uniform import uniform_dequantize_rows
 
             uniform_dequantize_rows(
-                out, self.tensors, self.layout, self.group_size, self.sym, row0, DEQUANT_BLOCK_ROWS
+                out,
+                self.tensors,
+                self.shape,
+                self.layout,
+                self.group_size,
+                self.sym,
+                row0,
+                DEQUANT_BLOCK_ROWS,
             )
 
     def blocked(self, x: torch.Tensor, dtype: torch.dtype, block_bytes: int = SCRATCH_BYTES) -> torch.Tensor:

@@ -203,6 +203,7 @@ def _operands(tensors: dict, layout: UniformLayout) -> tuple:
 def uniform_matmul(
     x: torch.Tensor,
     tensors: dict,
+    shape: tuple[int, int],
     layout: UniformLayout,
     group_size: int,
     sym: bool,
@@ -212,7 +213,7 @@ def uniform_matmul(
     num_warps: int,
 ) -> torch.Tensor:
     """x (M, C) -> (M, R) = x W^T in x's dtype, W never formed (splitting as `bcq_matmul`)."""
-    rows, cols = (int(v) for v in tensors["weight_shape"])
+    rows, cols = shape
     tokens = x.shape[0]
     splits = -(-layout.code_bits.numel() // groups_per_program)
     atomic = splits > 1
@@ -232,6 +233,7 @@ def uniform_matmul(
 def uniform_dequantize_rows(
     out: torch.Tensor,
     tensors: dict,
+    shape: tuple[int, int],
     layout: UniformLayout,
     group_size: int,
     sym: bool,
@@ -240,7 +242,7 @@ def uniform_dequantize_rows(
 ) -> None:
     """Write rows row0 .. row0 + len(out) - 1 of W into `out` (n, C), bitwise equal to
     `unpack_uniform` in fp32 before the cast to out's dtype."""
-    rows, cols = (int(v) for v in tensors["weight_shape"])
+    rows, cols = shape
     grid = (triton.cdiv(out.shape[0], block_rows), layout.code_bits.numel())
     _uniform_dequant_kernel[grid](
         out, *_operands(tensors, layout), row0, out.shape[0], rows, cols, tensors["uq_codes"].shape[1],
