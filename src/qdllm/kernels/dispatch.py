@@ -2,8 +2,7 @@
 
 Few tokens (memory-bound): one fused kernel reads the packed bits and never forms W. Many tokens
 (compute-bound): W is dequantized just in time, a block of rows at a time, into one bf16 scratch
-buffer shared by every layer, and each block goes through cuBLAS; a block small enough to stay in L2
-costs little more than reading the packed bits once. No layer keeps a dequantized copy.
+buffer shared by every layer, and each block goes through cuBLAS. No layer keeps a dequantized copy.
 """
 
 from __future__ import annotations
@@ -14,8 +13,11 @@ import torch
 
 from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout
 
-FUSED_MAX_TOKENS = 64  # above this the dequantize + cuBLAS path is faster (experiments/bench_packed.py)
-SCRATCH_BYTES = 16 * 2**20  # one row block of W in bf16: well inside the H200's 60 MB L2
+# measured on an H200 (docs/KERNELS.md): at 16 tokens the fused kernel is as fast or faster, at 64
+# the blocked path is faster for BCQ on every LLaDA-8B shape
+FUSED_MAX_TOKENS = 32
+# one row block of W in bf16; 64 MiB blocks beat L2-sized 16 MiB ones (fewer launches)
+SCRATCH_BYTES = 64 * 2**20
 DEQUANT_BLOCK_ROWS = 32
 
 
