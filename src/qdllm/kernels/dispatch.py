@@ -13,8 +13,9 @@ import torch
 
 from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout
 
-# measured on an H200 (docs/KERNELS.md): at 16 tokens the fused kernel is as fast or faster, at 64
-# the blocked path is faster for BCQ on every LLaDA-8B shape
+# H200, LLaDA-8B shapes (docs/KERNELS.md): at 64 tokens the blocked path is faster for BCQ on every
+# shape and for uniform 2-bit on two of three; at 16 the fused kernel is faster for uniform 2-bit
+# (BCQ's blocked path is already faster there: a lower BCQ threshold is not yet measured at 1-4 tokens)
 FUSED_MAX_TOKENS = 32
 # one row block of W in bf16; 64 MiB blocks beat L2-sized 16 MiB ones (fewer launches)
 SCRATCH_BYTES = 64 * 2**20
@@ -57,12 +58,11 @@ class PackedMatmul:
 
     def __init__(self, tensors: dict[str, torch.Tensor], kind: str, group_size: int, sym: bool):
         self.tensors, self.kind, self.group_size, self.sym = tensors, kind, group_size, sym
-        self.rows, self.cols = self.shape = tuple(
-            int(v) for v in tensors["weight_shape"]
-        )  # read once: no sync per call
-        self.device = tensors["weight_shape"].device
+        # read once per layer: a device-to-host read per call would synchronise every forward
+        self.shape = tuple(int(v) for v in tensors["weight_shape"])
+        self.rows, self.cols = self.shape
         builder = bcq_layout if kind == "bcq" else uniform_layout
-        self.layout: BcqLayout | UniformLayout = builder(tensors, group_size, self.device)
+        self.layout: BcqLayout | UniformLayout = builder(tensors, group_size, tensors["weight_shape"].device)
         self.groups = -(-self.cols // group_size)
 
     def fused(self, x: torch.Tensor, config: FusedConfig | None = None) -> torch.Tensor:
