@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test lint bench run data sweep-table2-tiny sweep-tiny clean
+.PHONY: setup test lint bench bench-packed run data sweep-table2-tiny sweep-tiny clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ lint: setup
 
 bench: setup
 	$(PY) experiments/bench_quant_core.py
+
+# packed-Linear kernels vs bf16 cuBLAS on LLaDA-8B's shapes (needs a CUDA GPU; docs/KERNELS.md)
+bench-packed: setup
+	$(PY) experiments/bench_packed.py
 
 run: setup
 	$(PY) run.py

@@ -43,6 +43,17 @@ class ModuleFormat:
     scale_dtype: str
     sym: bool | None = None
 
+    @classmethod
+    def of_tensors(
+        cls, kind: str, group_size: int, tensors: dict[str, torch.Tensor], sym: bool | None = None
+    ) -> ModuleFormat:
+        """The format of hand-built packed `tensors` of one Linear, scale dtype read from its scales."""
+        dtype = tensors[SCALE_KEYS[kind][0]].dtype
+        names = [name for name, candidate in SCALE_DTYPES.items() if candidate == dtype]
+        if not names:
+            raise PackedFormatError(f"scales of dtype {dtype} are not one of {list(SCALE_DTYPES)}")
+        return cls(kind, group_size, names[0], sym if kind == "uniform" else None)
+
     def to_json(self) -> dict[str, Any]:
         fields = ("kind", *FIELDS[self.kind])
         return {key: value for key, value in asdict(self).items() if key in fields}

@@ -1,6 +1,7 @@
-"""`QuantizedLinear`: a Linear that stores packed low-bit tensors and computes exactly what the
-fake-quantized Linear computes (reference path: unpack to the dequantized weight, then F.linear;
-a fused low-bit kernel is later work). `cache=True` keeps the dequantized weight after first use."""
+"""`QuantizedLinear`: a Linear that stores packed low-bit tensors and computes what the fake-quantized
+Linear computes. On CUDA it runs `qdllm.kernels` (fused low-bit kernels, no dequantized copy kept);
+elsewhere, or with `kernel=False`, the reference path: unpack to the dequantized weight, then
+F.linear. `cache=True` keeps the dequantized weight after first use (reference path)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdllm.kernels import packed_linear
 from qdllm.packing.format import ModuleFormat
 from qdllm.packing.linear import unpack_daq, unpack_uniform
 
@@ -21,10 +23,11 @@ class QuantizedLinear(nn.Module):
         bias: torch.Tensor | None = None,
         cache: bool = False,
         shape: tuple[int, int] | None = None,
+        kernel: bool = True,
     ):
         """`fmt`: the module's recorded format (kind, group size, scale dtype, sym)."""
         super().__init__()
-        self.fmt, self.dtype, self.cache = fmt, dtype, cache
+        self.fmt, self.dtype, self.cache, self.kernel = fmt, dtype, cache, kernel
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
         # `shape` (out, in) when the tensors are still empty placeholders (meta device)
@@ -51,6 +54,8 @@ class QuantizedLinear(nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.kernel and not self.cache:
+            return packed_linear(self, x)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,254 @@
+"""Packed-Linear matmul speed on one GPU: bf16 cuBLAS vs the packed kernels (fused, blocked
+dequantize + cuBLAS, and what `QuantizedLinear` dispatches) vs the reference path, on LLaDA-8B's
+Linear shapes and M tokens per forward.
+
+Each timing replays a CUDA graph of one call on each of several rotated weight copies (together
+over 4x the L2, so no call finds its weight in cache) and reports the median time per call over the
+replays. Weights are random (the format is bits: random sign / code words are valid), x ~ N(0, 1).
+
+    python experiments/bench_packed.py --out $OUT/bench_packed.json [--tune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from qdllm.kernels import FUSED_MAX_TOKENS, FusedConfig, PackedMatmul
+from qdllm.kernels.dispatch import SCRATCH_BYTES
+from qdllm.packing.format import ModuleFormat
+from qdllm.packing.module import QuantizedLinear
+
+SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288)]  # (out, in): attention / FFN up, gate / FFN down
+TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
+GROUP = 128
+ROTATE_BYTES = 240 * 2**20  # > 4 x the H200's 60 MB L2
+
+
+def random_words(shape: tuple, gen: torch.Generator, device: str) -> torch.Tensor:
+    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=gen).to(device)
+
+
+def random_bcq(rows: int, cols: int, order: int, gen: torch.Generator, device: str = "cuda") -> dict:
+    """Packed (format 1) order-`order` BCQ tensors with random signs and scales."""
+    groups, planes = cols // GROUP, order * cols
+    return {
+        "bcq_k": torch.full((groups,), order, dtype=torch.int8).to(device),
+        "bcq_signs": random_words((rows, planes // 32), gen, device),
+        "bcq_row_scale": (torch.rand(order * groups, rows, generator=gen) * 0.02 + 1e-3).half().to(device),
+        "bcq_col_scale": (torch.rand(planes, generator=gen) + 0.5).half().to(device),
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int32).to(device),
+    }
+
+
+def random_uniform(rows: int, cols: int, bits: int, gen: torch.Generator) -> dict:
+    groups = cols // GROUP
+    return {
+        "uq_bits": torch.full((groups,), bits, dtype=torch.int8).cuda(),
+        "uq_codes": random_words((rows, cols * bits // 32), gen, "cuda"),
+        "uq_scale": (torch.rand(groups, rows, generator=gen) * 0.02 + 1e-3).half().cuda(),
+        "uq_zero": random_words((rows * groups * bits // 32,), gen, "cuda"),
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int32).cuda(),
+    }
+
+
+def nbytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def copies_for(one: int) -> int:
+    return max(2, math.ceil(ROTATE_BYTES / one))
+
+
+def graph_time_us(calls: list, replays: int = 15) -> float:
+    """Median time per call (us) of a CUDA graph that makes every call in `calls` once."""
+    for call in calls:  # compile, allocate scratch
+        call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def wall_time_us(call, repeats: int = 2) -> float:
+    """For the reference path, which synchronises (it moves tensors to the CPU): wall clock."""
+    call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return min(times)
+
+
+def ceilings() -> dict:
+    """Measured copy bandwidth (bytes read + written) and bf16 matmul rate on this GPU."""
+    a = torch.randn(2**30 // 4, device="cuda")
+    b = torch.empty_like(a)
+    copy_us = graph_time_us([lambda: b.copy_(a)], replays=10)
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_us = graph_time_us([lambda: m @ m], replays=10)
+    return {"copy_TBps": 2 * a.numel() * 4 / copy_us / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_us / 1e6}
+
+
+def layer_kinds(rows: int, cols: int, gen: torch.Generator) -> dict:
+    return {
+        "bcq_k2": partial(random_bcq, rows, cols, 2, gen),
+        "uniform_2bit": partial(random_uniform, rows, cols, 2, gen),
+    }
+
+
+def rotated_plans(kind: str, make) -> tuple[list[PackedMatmul], int]:
+    """Enough copies of one random layer to overflow the L2, and one copy's packed bytes."""
+    first = make()
+    copies = [first] + [make() for _ in range(copies_for(nbytes(first)) - 1)]
+    return [PackedMatmul(t, kind.split("_")[0], GROUP, False) for t in copies], nbytes(first)
+
+
+def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x @ weight.t()
+
+
+def fused(x: torch.Tensor, config: FusedConfig | None, plan: PackedMatmul) -> torch.Tensor:
+    return plan.fused(x, config)
+
+
+def blocked(x: torch.Tensor, block_bytes: int, plan: PackedMatmul) -> torch.Tensor:
+    return plan.blocked(x, torch.bfloat16, block_bytes)
+
+
+def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> list[dict]:
+    bf16 = [
+        torch.randn(rows, cols, generator=gen).bfloat16().cuda() for _ in range(copies_for(2 * rows * cols))
+    ]
+    results = []
+    for kind, make in layer_kinds(rows, cols, gen).items():
+        plans, packed_bytes = rotated_plans(kind, make)
+        for tokens in TOKENS:
+            x = torch.randn(tokens, cols, generator=gen).bfloat16().cuda()
+            row = {"shape": [rows, cols], "kind": kind, "tokens": tokens, "packed_bytes": packed_bytes}
+            row["bf16_us"] = graph_time_us([partial(bf16_matmul, x, w) for w in bf16])
+            if tokens <= 256:
+                row["fused_us"] = graph_time_us([partial(fused, x, None, p) for p in plans])
+            if tokens >= 16:
+                row["blocked_us"] = graph_time_us([partial(blocked, x, SCRATCH_BYTES, p) for p in plans])
+            row["dispatch"] = "fused" if tokens <= FUSED_MAX_TOKENS else "blocked"
+            row["packed_us"] = row[f"{row['dispatch']}_us"]
+            row["speedup_vs_bf16"] = row["bf16_us"] / row["packed_us"]
+            if reference and tokens == 1:
+                fmt = ModuleFormat.of_tensors(plans[0].kind, GROUP, plans[0].tensors, plans[0].sym)
+                module = QuantizedLinear(plans[0].tensors, fmt, torch.bfloat16, kernel=False)
+                row["reference_us"] = wall_time_us(partial(module, x))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    return results
+
+
+def tune_fused(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> list[dict]:
+    """Launch shapes: rows per program, programs ~ fill x processors (0: no split), warps."""
+    processors = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(tokens, plans[0].cols, generator=gen).bfloat16().cuda()
+    out = []
+    for block_rows in (32, 64, 128):
+        tiles = -(-plans[0].rows // block_rows)
+        for fill in (0, 4, 8):
+            splits = 1 if fill == 0 else min(plans[0].groups, max(1, -(-fill * processors // tiles)))
+            for warps in (4, 8):
+                config = FusedConfig(block_rows, 16, -(-plans[0].groups // splits), warps)
+                us = graph_time_us([partial(fused, x, config, p) for p in plans], replays=7)
+                out.append({"tokens": tokens, "config": config.__dict__, "us": us})
+    return out
+
+
+def tune_blocked(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> list[dict]:
+    x = torch.randn(tokens, plans[0].cols, generator=gen).bfloat16().cuda()
+    out = []
+    for block_mib in (4, 16, 64, 1024):
+        us = graph_time_us([partial(blocked, x, block_mib * 2**20, p) for p in plans], replays=7)
+        out.append({"tokens": tokens, "block_mib": block_mib, "us": us})
+    return out
+
+
+def tune(gen: torch.Generator) -> list[dict]:
+    """Fused launch shapes at 1 and 16 tokens, the blocked path's block size at many tokens."""
+    out = []
+    for rows, cols in SHAPES:
+        for kind, make in layer_kinds(rows, cols, gen).items():
+            plans, _ = rotated_plans(kind, make)
+            sweeps = [tune_fused(plans, t, gen) for t in (1, 16)] + [
+                tune_blocked(plans, t, gen) for t in (256, 1024, 4096)
+            ]
+            for sweep in sweeps:
+                sweep = [{"shape": [rows, cols], "kind": kind, **r} for r in sweep]
+                print("tune best", json.dumps(min(sweep, key=lambda r: r["us"])), flush=True)
+                out += sweep
+    return out
+
+
+def table(results: list[dict]) -> str:
+    head = "| out x in | format | M | bf16 us | fused us | blocked us | dispatch | vs bf16 | reference us |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = [f"{r[k]:.1f}" if k in r else "" for k in ("bf16_us", "fused_us", "blocked_us")]
+        ref = f"{r['reference_us']:.0f}" if "reference_us" in r else ""
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['kind']} | {r['tokens']} | {' | '.join(cells)} | "
+            f"{r['dispatch']} | {r['speedup_vs_bf16']:.2f}x | {ref} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="experiments/results/bench_packed_h200.json")
+    ap.add_argument("--tune", action="store_true", help="also sweep launch shapes and block sizes")
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
+    args = ap.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "fused_max_tokens": FUSED_MAX_TOKENS,
+        "scratch_bytes": SCRATCH_BYTES,
+        "group_size": GROUP,
+        "ceilings": ceilings(),
+    }
+    print(json.dumps(report), flush=True)
+    if args.tune:
+        report["tune"] = tune(gen)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    report["results"] = [r for shape in SHAPES for r in bench_shape(*shape, gen, not args.no_reference)]
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(table(report["results"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""x W^T for a packed Linear on the GPU, chosen by tokens per forward.
+
+Few tokens (memory-bound): one fused kernel reads the packed bits and never forms W. Many tokens
+(compute-bound): W is dequantized just in time, a block of rows at a time, into one bf16 scratch
+buffer shared by every layer, and each block goes through cuBLAS. No layer keeps a dequantized copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout
+
+# H200, LLaDA-8B shapes (docs/KERNELS.md): at 64 tokens the blocked path is faster for BCQ on every
+# shape and for uniform 2-bit on two of three; at 16 the fused kernel is faster for uniform 2-bit
+# (BCQ's blocked path is already faster there: a lower BCQ threshold is not yet measured at 1-4 tokens)
+FUSED_MAX_TOKENS = 32
+# one row block of W in bf16; 64 MiB blocks beat L2-sized 16 MiB ones (fewer launches)
+SCRATCH_BYTES = 64 * 2**20
+DEQUANT_BLOCK_ROWS = 32
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """Launch shape of a fused matmul: `block_rows` output features x `block_tokens` tokens per
+    program, `groups_per_program` column groups each (fewer -> more programs adding into fp32)."""
+
+    block_rows: int
+    block_tokens: int
+    groups_per_program: int
+    num_warps: int = 4
+
+
+def fused_config(rows: int, groups: int, tokens: int, processors: int, block_rows: int = 64) -> FusedConfig:
+    """Enough programs to fill the GPU about four times over, splitting the groups when the output
+    alone gives too few."""
+    block_tokens = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+    tiles = -(-rows // block_rows) * -(-tokens // block_tokens)
+    splits = min(groups, max(1, -(-4 * processors // tiles)))
+    return FusedConfig(block_rows, block_tokens, groups // splits)  # rounded down: >= `splits` programs
+
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements, reused by every call on this device and dtype."""
+    key = (device, dtype)
+    if key not in _SCRATCH or _SCRATCH[key].numel() < numel:
+        _SCRATCH[key] = torch.empty(numel, device=device, dtype=dtype)
+    return _SCRATCH[key][:numel]
+
+
+class PackedMatmul:
+    """The kernels of one packed Linear on one device: its tensors as stored, plus group offsets."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], kind: str, group_size: int, sym: bool):
+        self.tensors, self.kind, self.group_size, self.sym = tensors, kind, group_size, sym
+        # read once per layer: a device-to-host read per call would synchronise every forward
+        self.shape = tuple(int(v) for v in tensors["weight_shape"])
+        self.rows, self.cols = self.shape
+        builder = bcq_layout if kind == "bcq" else uniform_layout
+        self.layout: BcqLayout | UniformLayout = builder(tensors, group_size, tensors["weight_shape"].device)
+        self.groups = -(-self.cols // group_size)
+
+    def fused(self, x: torch.Tensor, config: FusedConfig | None = None) -> torch.Tensor:
+        """x (M, C) -> (M, R) without forming W."""
+        if config is None:
+            processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+            config = fused_config(self.rows, self.groups, x.shape[0], processors)
+        launch = (config.block_rows, config.block_tokens, config.groups_per_program, config.num_warps)
+        if self.kind == "bcq":
+            from qdllm.kernels.bcq import bcq_matmul
+
+            return bcq_matmul(x, self.tensors, self.shape, self.layout, self.group_size, *launch)
+        from qdllm.kernels.uniform import uniform_matmul
+
+        return uniform_matmul(x, self.tensors, self.shape, self.layout, self.group_size, self.sym, *launch)
+
+    def dequantize_rows(self, out: torch.Tensor, row0: int) -> None:
+        """Rows row0 .. row0 + len(out) - 1 of W into `out` (n, C)."""
+        if self.kind == "bcq":
+            from qdllm.kernels.bcq import bcq_dequantize_rows
+
+            bcq_dequantize_rows(
+                out, self.tensors, self.shape, self.layout, self.group_size, row0, DEQUANT_BLOCK_ROWS
+            )
+        else:
+            from qdllm.kernels.uniform import uniform_dequantize_rows
+
+            uniform_dequantize_rows(
+                out,
+                self.tensors,
+                self.shape,
+                self.layout,
+                self.group_size,
+                self.sym,
+                row0,
+                DEQUANT_BLOCK_ROWS,
+            )
+
+    def blocked(self, x: torch.Tensor, dtype: torch.dtype, block_bytes: int = SCRATCH_BYTES) -> torch.Tensor:
+        """x (M, C) -> (M, R): W dequantized to `dtype` block by block into the shared scratch buffer,
+        each block multiplied by cuBLAS straight into its columns of the output."""
+        block = max(DEQUANT_BLOCK_ROWS, block_bytes // (self.cols * dtype.itemsize))
+        block = min(self.rows, block - block % DEQUANT_BLOCK_ROWS)
+        buffer = scratch(block * self.cols, x.device, dtype).view(block, self.cols)
+        out = torch.empty(x.shape[0], self.rows, dtype=x.dtype, device=x.device)
+        for row0 in range(0, self.rows, block):
+            weight = buffer[: min(block, self.rows - row0)]
+            self.dequantize_rows(weight, row0)
+            torch.mm(x, weight.t().to(x.dtype), out=out[:, row0 : row0 + weight.shape[0]])
+        return out
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x (M, C) -> (M, R), by the faster path for M tokens."""
+        return self.fused(x) if x.shape[0] <= FUSED_MAX_TOKENS else self.blocked(x, dtype)
+
+
+def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """`module` (a QuantizedLinear) applied to x (..., in_features) through the kernels; the group
+    offsets are computed on the first call and kept on the module until its buffers change."""
+    plan = getattr(module, "_kernel_plan", None)
+    if plan is None or plan.tensors["weight_shape"] is not module.weight_shape:  # new or moved buffers
+        plan = PackedMatmul(module.packed(), module.fmt.kind, module.fmt.group_size, module.fmt.sym)
+        module._kernel_plan = plan
+    flat = x.reshape(-1, x.shape[-1])
+    y = plan(flat if flat.stride(-1) == 1 else flat.contiguous(), module.dtype)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
