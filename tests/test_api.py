@@ -68,3 +68,13 @@ def test_bad_input_names_the_fix(tmp_path):
         qdllm.quantize(dllm, **CALIB, mcs={"gama": 0.5})
     with pytest.raises(ConfigError, match="calib.nsamples"):
         qdllm.quantize(dllm, nsamples=0)
+
+
+def test_importing_qdllm_leaves_hydra_out():
+    """Inference hosts load packed checkpoints with `import qdllm`: no Hydra or calibration stack."""
+    import subprocess
+    import sys
+
+    code = "import sys, qdllm; print(sorted(m for m in ('hydra', 'omegaconf', 'qdllm.api') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

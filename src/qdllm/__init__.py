@@ -12,8 +12,18 @@
 
 __version__ = "0.1.0"
 
-from qdllm.api import QuantizationResult, load, quantize, save_packed  # noqa: E402
 from qdllm.packing import hf as _transformers_registration  # noqa: E402, F401
 from qdllm.packing.checkpoint import load_quantized  # noqa: E402
 
 __all__ = ["QuantizationResult", "load", "load_quantized", "quantize", "save_packed"]
+_API = ("QuantizationResult", "load", "quantize", "save_packed")
+
+
+def __getattr__(name: str):
+    # the quantization front door pulls in Hydra and the calibration stack; loading a packed
+    # checkpoint (inference hosts) must not need them
+    if name in _API:
+        from qdllm import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'qdllm' has no attribute {name!r}")
