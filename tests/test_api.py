@@ -75,6 +75,6 @@ def test_importing_qdllm_leaves_hydra_out():
     import subprocess
     import sys
 
-    code = "import sys, qdllm; print(sorted(m for m in ('hydra', 'omegaconf', 'qdllm.api') if m in sys.modules))"
+    code = "import sys, qdllm; print([m for m in ('hydra', 'omegaconf', 'qdllm.api') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
