@@ -30,6 +30,7 @@ from qdllm.models.llada import LLADA_MASK_ID, LLaDAConfig, LLaDAModelLM
 from qdllm.models.registry import _init_like_hf, wrap_model
 from qdllm.models.tokenizer import byte_level_tokenizer
 from qdllm.packing.checkpoint import save_quantized
+from qdllm.packing.format import ModuleFormat
 
 GEN = GenSpec(gen_length=256, steps=64, block_length=32)
 MC = MCSpec(estimator="llada", mc_num=32, mc_batch=32)
@@ -44,12 +45,15 @@ def bf16_model() -> DiffusionLM:
     return wrap_model("llada", model, byte_level_tokenizer(), LLADA_MASK_ID, "llada8b_shapes")
 
 
-def packed_layers(dllm: DiffusionLM) -> dict[str, tuple[str, dict]]:
+def packed_layers(dllm: DiffusionLM) -> dict[str, tuple[ModuleFormat, dict]]:
+    """Random DAQ K=2 g128 tensors (fp16 scales) for every Linear of the pipeline's stages."""
     gen = torch.Generator().manual_seed(1)
     names = dllm.module_names()
+    linears = [blk.get_submodule(n) for blk in dllm.blocks() for stage in dllm.stages for n in stage.linears]
+    fmt = ModuleFormat("bcq", GROUP, "float16")
     return {
-        names[id(linear)]: ("bcq", random_bcq(linear.out_features, linear.in_features, 2, gen, "cpu"))
-        for _, _, linear in dllm.quantizable()
+        names[id(linear)]: (fmt, random_bcq(linear.out_features, linear.in_features, 2, gen, "cpu"))
+        for linear in linears
     }
 
 
