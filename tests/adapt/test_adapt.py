@@ -14,6 +14,7 @@ from qdllm.adapt.corpus import gutenberg_books, random_windows
 from qdllm.adapt.lora import LoRALinear, attach_lora
 from qdllm.adapt.objective import diffusion_loss, masked_positions, sample_noise
 from qdllm.adapt.train import _lr_factor, step_loss
+from qdllm.errors import ConfigError
 from qdllm.models.adapted import adapter_tensors, merge_adapter, read_adapter_tensors, save_adapter
 from qdllm.models.lora import merged_weight
 from qdllm.models.qwen_llama import QwenLlamaDLLM
@@ -135,6 +136,15 @@ def test_gutenberg_books_reassemble_the_shard():
     books = list(gutenberg_books(DATA_ROOT, ["valid"]))
     assert len(books) == 6
     assert "\n\n\n".join(books) + "\n" == (DATA_ROOT / "gutenberg" / "valid.txt").read_text(encoding="utf-8")
+
+
+def test_a_missing_training_shard_names_the_fix(tmp_path):
+    (tmp_path / "gutenberg").mkdir()
+    (tmp_path / "gutenberg" / "books.tsv").write_text((DATA_ROOT / "gutenberg" / "books.tsv").read_text())
+    with pytest.raises(ConfigError, match="train-00.txt.*QDLLM_DATA_ROOT"):
+        list(gutenberg_books(tmp_path, ["train-00"]))
+    with pytest.raises(ConfigError, match="books.tsv"):
+        list(gutenberg_books(tmp_path / "nowhere", ["valid"]))
 
 
 def test_random_windows_start_with_the_document_token():

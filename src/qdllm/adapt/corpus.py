@@ -23,11 +23,18 @@ def gutenberg_books(root: Path, shards: list[str]) -> Iterator[str]:
     index = root / "gutenberg" / "books.tsv"
     if not index.is_file():
         raise ConfigError(
-            f"adapt.data.root={str(root)!r} has no gutenberg/books.tsv; point it at ../shared/data"
+            f"adapt.data.root={str(root)!r} has no gutenberg/books.tsv; point it at a data folder "
+            "laid out like the repository's data/ (QDLLM_DATA_ROOT)"
         )
     rows = list(csv.DictReader(index.open(encoding="utf-8"), delimiter="\t"))
     for shard in shards:
-        data = (root / "gutenberg" / f"{shard}.txt").read_bytes()
+        path = root / "gutenberg" / f"{shard}.txt"
+        if not path.is_file():
+            raise ConfigError(
+                f"adapt.data.root={str(root)!r} has no gutenberg/{shard}.txt: the repository ships only the "
+                "validation shard; set QDLLM_DATA_ROOT to a folder holding the Gutenberg training shards"
+            )
+        data = path.read_bytes()
         offset = 0
         for row in (r for r in rows if r["split"] == shard):
             size = int(row["bytes"])
