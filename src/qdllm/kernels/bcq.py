@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from qdllm.kernels.layout import BcqLayout, padded_group
+from qdllm.kernels.tiles import store_output_tile
 
 
 @triton.jit
@@ -87,12 +88,7 @@ def _bcq_matmul_kernel(
         if HAS_MEAN:
             mu = tl.load(mean_ptr + g * R + rows, mask=row_mask, other=0.0).to(tl.float32)
             acc += mu[:, None] * tl.sum(xt, axis=0)[None, :]
-    out_ptrs = out_ptr + toks[None, :].to(tl.int64) * stride_om + rows[:, None]
-    out_mask = row_mask[:, None] & tok_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_output_tile(out_ptr, acc, rows, row_mask, toks, tok_mask, stride_om, ATOMIC)
 
 
 @triton.jit

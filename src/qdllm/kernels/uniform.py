@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from qdllm.kernels.layout import UniformLayout, padded_group
+from qdllm.kernels.tiles import store_output_tile
 
 
 @triton.jit
@@ -134,12 +135,7 @@ def _uniform_matmul_kernel(
         intercept = tl.where(binary, offset - scale, -scale * offset)
         xsum = tl.sum(xt.to(tl.float32), axis=0)
         acc += slope[:, None] * qx + intercept[:, None] * xsum[None, :]
-    out_ptrs = out_ptr + toks[None, :].to(tl.int64) * stride_om + rows[:, None]
-    out_mask = row_mask[:, None] & tok_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    store_output_tile(out_ptr, acc, rows, row_mask, toks, tok_mask, stride_om, ATOMIC)
 
 
 @triton.jit
