@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qdllm.atomic import write_json_atomic
-from qdllm.eval.runner import flatten_metrics
+from qdllm.eval.runner import datasets_offline, flatten_metrics
 from qdllm.eval.tasks import write_local_tasks
 from qdllm.models.adapted import base_gguf_path, load_base_model
 from qdllm.paths import data_root
@@ -38,9 +37,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument(
-        "--data-root", default=str(data_root())
-    )
+    parser.add_argument("--data-root", default=str(data_root()))
     parser.add_argument("--olmo-data-root", default=str(REPO / ".data" / "eval"))
     args = parser.parse_args()
 
@@ -53,22 +50,22 @@ def main() -> None:
     gguf = base_gguf_path(base, args.gguf)
     model = load_base_model(gguf).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     task_dir = write_local_tasks(
         TASKS, args.data_root, str(args.out.parent / "ar_tasks"), args.olmo_data_root
     )
     start = time.perf_counter()
-    out = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device),
-        tasks=TASKS,
-        num_fewshot=0,
-        limit=args.limit,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        random_seed=1234,
-        numpy_random_seed=1234,
-        torch_random_seed=1234,
-        fewshot_random_seed=1234,
-    )
+    with datasets_offline():
+        out = lm_eval.simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device),
+            tasks=TASKS,
+            num_fewshot=0,
+            limit=args.limit,
+            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+            random_seed=1234,
+            numpy_random_seed=1234,
+            torch_random_seed=1234,
+            fewshot_random_seed=1234,
+        )
     record = {
         "model": f"{base.package}=={base.version}:{base.file} (autoregressive, as shipped)",
         "limit": args.limit,

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from qdllm.app.results import quant_summary
-from qdllm.calib.mcs import MCSSpec, mcs_states
-from qdllm.data.calibration import DataSpec, calibration_windows, load_texts
+from qdllm.calib.mcs import MCSSpec, calibration_states
+from qdllm.data.calibration import DataSpec
 from qdllm.errors import ConfigError
 from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import ModelSpec, load_dllm
@@ -122,8 +122,7 @@ def quantize(
     mcs_spec = _spec(MCSSpec, mcs if not isinstance(mcs, bool) else None, enabled=bool(mcs)).validated()
     quant = QuantSpec.from_any({"method": method, "bits": bits, **quant_options})
     pipe = dataclasses.replace(_spec(PipelineSpec, pipeline), pack=True)
-    windows = calibration_windows(load_texts(data), dllm.tokenizer, data)
-    states, _ = mcs_states(windows, dllm.mask_token_id, mcs_spec)
+    _, states = calibration_states(dllm, data, mcs_spec)
     report = quantize_model(dllm, states, quant, pipe)
     n_params = sum(p.numel() for p in dllm.model.parameters())
     return QuantizationResult(quant=quant, data=data, mcs=mcs_spec, report=report, n_params=n_params)

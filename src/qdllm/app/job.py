@@ -36,9 +36,8 @@ from qdllm.app.results import (
 from qdllm.app.summary import format_summary
 from qdllm.app.tracking import NullTracker, open_tracker
 from qdllm.atomic import write_json_atomic, write_parquet_atomic
-from qdllm.calib.mcs import mcs_states
+from qdllm.calib.mcs import calibration_states
 from qdllm.config.resolve import resolve_job
-from qdllm.data.calibration import calibration_windows, load_texts
 from qdllm.errors import ConfigError
 from qdllm.eval.runner import evaluate
 from qdllm.models.fingerprint import source_fingerprint
@@ -192,8 +191,7 @@ def _quantize(dllm, specs, job: _Job) -> PipelineReport | None:
     report = None
     if method.quantizes:
         with _timed(job.timing, "calibration_data"):
-            windows = calibration_windows(load_texts(specs.data), dllm.tokenizer, specs.data)
-            states, _ = mcs_states(windows, dllm.mask_token_id, specs.mcs)
+            windows, states = calibration_states(dllm, specs.data, specs.mcs)
         job.record["calib"] = {"windows": len(windows), "states": len(states), "tokens": states.numel()}
         report = quantize_model(dllm, states, specs.quant, specs.pipeline)
         job.timing.update(report.timing)

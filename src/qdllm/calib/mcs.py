@@ -79,3 +79,19 @@ def mcs_states(tokens: torch.Tensor, mask_token_id: int, spec: MCSSpec) -> tuple
         states[row, prefix:] = torch.where(keep, tokens[i, prefix:], mask_token_id)
         taus[row] = tau
     return states, taus
+
+
+def calibration_states(dllm, data, spec: MCSSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text -> windows -> masked states, as one quantization run calibrates.
+
+    Args:
+        dllm: the `DiffusionLM` (its tokenizer and mask token id).
+        data: a `qdllm.data.DataSpec`: where the text comes from and the window count / length.
+    Returns:
+        windows (n, L) int64 and the MCS states (M, L) int64 built from them.
+    """
+    from qdllm.data.calibration import calibration_windows, load_texts
+
+    windows = calibration_windows(load_texts(data), dllm.tokenizer, data)
+    states, _ = mcs_states(windows, dllm.mask_token_id, spec)
+    return windows, states
