@@ -9,6 +9,27 @@ from torch import nn
 
 
 @dataclass(frozen=True)
+class Anatomy:
+    """Where an equivalence transform (smoothing, rotation) finds the modules it rewrites.
+
+    Block-relative dotted names: `attn_norm` feeds `qkv` (q, k, v), whose attention output feeds
+    `attn_out`; `ffn_norm` feeds `ffn_in` (gate, up), whose product feeds `ffn_out`. Every norm is an
+    RMSNorm y = w * x / rms(x) with a `weight` (d,). `head_dim` columns per head, `n_heads` query
+    and `n_kv_heads` key/value heads (GQA when they differ).
+    """
+
+    attn_norm: str
+    qkv: tuple[str, str, str]
+    attn_out: str
+    ffn_norm: str
+    ffn_in: tuple[str, str]
+    ffn_out: str
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
 class Stage:
     """Linears of one block that read the same input, quantized together (true-sequential order)."""
 
@@ -34,6 +55,22 @@ class DiffusionLM:
         self.name = name or self.family
 
     def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def anatomy(self) -> Anatomy:
+        """The block layout equivalence transforms rewrite (same for every block)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its block anatomy")
+
+    def embedding(self) -> nn.Embedding:
+        """The token embedding (its rows are block 0's input, before any family scaling)."""
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        """The RMSNorm before the LM head."""
+        raise NotImplementedError
+
+    def lm_head_weight(self) -> nn.Parameter:
+        """(V, d) weight of the LM head; the embedding's own weight when the two are tied."""
         raise NotImplementedError
 
     def shared_modules(self) -> list[nn.Module]:

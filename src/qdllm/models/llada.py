@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdllm.models.base import DiffusionLM, Stage
+from qdllm.models.base import Anatomy, DiffusionLM, Stage
 
 LLADA_MASK_ID = 126336
 
@@ -170,6 +170,31 @@ class LLaDA(DiffusionLM):
 
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer["blocks"]
+
+    def anatomy(self) -> Anatomy:
+        cfg = self.model.config
+        return Anatomy(
+            attn_norm="attn_norm",
+            qkv=("q_proj", "k_proj", "v_proj"),
+            attn_out="attn_out",
+            ffn_norm="ff_norm",
+            ffn_in=("ff_proj", "up_proj"),
+            ffn_out="ff_out",
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.d_model // cfg.n_heads,
+        )
+
+    def embedding(self) -> nn.Embedding:
+        return self.model.transformer["wte"]
+
+    def final_norm(self) -> nn.Module:
+        return self.model.transformer["ln_f"]
+
+    def lm_head_weight(self) -> nn.Parameter:
+        if self.model.config.weight_tying:
+            return self.model.transformer["wte"].weight
+        return self.model.transformer["ff_out"].weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed(input_ids)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qdllm.models.base import DiffusionLM, Stage
+from qdllm.models.base import Anatomy, DiffusionLM, Stage
 
 DREAM_MASK_ID = 151666
 
@@ -41,6 +41,30 @@ class QwenLlamaDLLM(DiffusionLM):
 
     def shared_modules(self) -> list[nn.Module]:
         return [self.model.model.rotary_emb]
+
+    def anatomy(self) -> Anatomy:
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        return Anatomy(
+            attn_norm="input_layernorm",
+            qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            attn_out="self_attn.o_proj",
+            ffn_norm="post_attention_layernorm",
+            ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+            ffn_out="mlp.down_proj",
+            n_heads=heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        )
+
+    def embedding(self) -> nn.Embedding:
+        return self.model.model.embed_tokens
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    def lm_head_weight(self) -> nn.Parameter:
+        return self.model.lm_head.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(input_ids)
