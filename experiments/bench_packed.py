@@ -29,6 +29,8 @@ from qdllm.packing.module import QuantizedLinear
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288)]  # (out, in): attention / FFN up, gate / FFN down
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 GROUP = 128
+BLOCK_MIB = (16, 32, 64)  # blocked path: rows dequantized per block (the default is SCRATCH_BYTES)
+PROFILE_TOKENS = (1, 16, 1024)
 ROTATE_BYTES = 240 * 2**20  # > 4 x the H200's 60 MB L2
 
 
@@ -157,8 +159,12 @@ def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> 
             row["bf16_us"] = graph_time_us([partial(bf16_matmul, x, w) for w in bf16])
             if tokens <= 256:
                 row["fused_us"] = graph_time_us([partial(fused, x, None, p) for p in plans])
-            if tokens >= 16:
-                row["blocked_us"] = graph_time_us([partial(blocked, x, SCRATCH_BYTES, p) for p in plans])
+            for mib in BLOCK_MIB:
+                calls = [partial(blocked, x, mib * 2**20, p) for p in plans]
+                row[f"blocked_{mib}mib_us"] = graph_time_us(calls)
+            row["blocked_us"] = row[f"blocked_{SCRATCH_BYTES // 2**20}mib_us"]
+            if "fused_us" in row:  # packed GB read per second: distance to the memory floor
+                row["fused_GBps"] = packed_bytes / row["fused_us"] / 1e3
             row["dispatch"] = "fused" if tokens <= FUSED_MAX_TOKENS else "blocked"
             row["packed_us"] = row[f"{row['dispatch']}_us"]
             row["speedup_vs_bf16"] = row["bf16_us"] / row["packed_us"]
@@ -212,11 +218,47 @@ def tune(gen: torch.Generator) -> list[dict]:
     return out
 
 
+def profile(gen: torch.Generator) -> list[dict]:
+    """Where the dispatched call spends its GPU time: CUDA time per kernel (torch.profiler) of 10
+    calls on rotated copies, per format at PROFILE_TOKENS on the FFN-up shape."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    rows, cols = SHAPES[1]
+    out = []
+    for kind, make in layer_kinds(rows, cols, gen).items():
+        plans, _ = rotated_plans(kind, make)
+        for tokens in PROFILE_TOKENS:
+            x = torch.randn(tokens, cols, generator=gen).bfloat16().cuda()
+            for plan in plans:  # compile and allocate outside the profile
+                plan(x, torch.bfloat16)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for plan in (plans * 10)[:10]:
+                    plan(x, torch.bfloat16)
+                torch.cuda.synchronize()
+            kernels = [
+                {"kernel": e.key[:80], "calls": e.count, "cuda_us_per_call": e.device_time_total / 10}
+                for e in prof.key_averages()
+                if e.device_time_total > 0
+            ]
+            kernels.sort(key=lambda k: -k["cuda_us_per_call"])
+            row = {"shape": [rows, cols], "kind": kind, "tokens": tokens, "kernels": kernels[:6]}
+            print("profile", json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
 def table(results: list[dict]) -> str:
-    head = "| out x in | format | M | bf16 us | fused us | blocked us | dispatch | vs bf16 | reference us |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    blocked_cols = [f"blocked_{mib}mib_us" for mib in BLOCK_MIB]
+    head = (
+        "| out x in | format | M | bf16 us | fused us | "
+        + " | ".join(f"blocked {mib} MiB us" for mib in BLOCK_MIB)
+        + " | dispatch | vs bf16 | reference us |"
+    )
+    lines = [head, "|---" * (8 + len(BLOCK_MIB)) + "|"]
     for r in results:
-        cells = [f"{r[k]:.1f}" if k in r else "" for k in ("bf16_us", "fused_us", "blocked_us")]
+        cells = [f"{r[k]:.1f}" if k in r else "" for k in ("bf16_us", "fused_us", *blocked_cols)]
         ref = f"{r['reference_us']:.0f}" if "reference_us" in r else ""
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {r['kind']} | {r['tokens']} | {' | '.join(cells)} | "
@@ -229,6 +271,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="experiments/results/bench_packed_h200.json")
     ap.add_argument("--tune", action="store_true", help="also sweep launch shapes and block sizes")
+    ap.add_argument("--profile", action="store_true", help="CUDA time per kernel (torch.profiler)")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -244,6 +287,9 @@ def main() -> None:
     print(json.dumps(report), flush=True)
     if args.tune:
         report["tune"] = tune(gen)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.profile:
+        report["profile"] = profile(gen)
         Path(args.out).write_text(json.dumps(report, indent=1))
     report["results"] = [r for shape in SHAPES for r in bench_shape(*shape, gen, not args.no_reference)]
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -14,7 +14,7 @@ for step in "$@"; do
   case $step in
     tests) timeout 200 python3 -m pytest tests/kernels -q -n 8 -p no:cacheprovider ;;
     tune) timeout 330 python3 experiments/bench_packed.py --tune --out "$OUT_DIR/tune.json" ;;
-    bench) timeout 300 python3 experiments/bench_packed.py --out "$OUT_DIR/bench_packed_h200.json" ;;
+    bench) timeout 420 python3 experiments/bench_packed.py --profile --out "$OUT_DIR/bench_packed_h200.json" ;;
     e2e) timeout 250 python3 experiments/e2e_packed_llada8b.py --out "$OUT_DIR/e2e_packed_llada8b_h200.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

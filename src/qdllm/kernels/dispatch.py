@@ -1,8 +1,9 @@
 """x W^T for a packed Linear on the GPU, chosen by tokens per forward.
 
 Few tokens (memory-bound): one fused kernel reads the packed bits and never forms W. Many tokens
-(compute-bound): W is dequantized just in time, a block of rows at a time, into one bf16 scratch
-buffer shared by every layer, and each block goes through cuBLAS. No layer keeps a dequantized copy.
+(compute-bound): W is dequantized just in time, a block of rows at a time, into two bf16 scratch
+buffers shared by every layer (the next block on a side stream while cuBLAS multiplies the current
+one). No layer keeps a dequantized copy.
 """
 
 from __future__ import annotations
@@ -42,15 +43,24 @@ def fused_config(rows: int, groups: int, tokens: int, processors: int, block_row
     return FusedConfig(block_rows, block_tokens, groups // splits)  # rounded down: >= `splits` programs
 
 
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_SCRATCH: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A flat buffer of at least `numel` elements, reused by every call on this device and dtype."""
-    key = (device, dtype)
+def scratch(numel: int, device: torch.device, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements, reused by every call on this device and dtype;
+    `slot` names one of several such buffers (the blocked path double-buffers)."""
+    key = (device, dtype, slot)
     if key not in _SCRATCH or _SCRATCH[key].numel() < numel:
         _SCRATCH[key] = torch.empty(numel, device=device, dtype=dtype)
     return _SCRATCH[key][:numel]
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream on which the blocked path dequantizes, one per device."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class PackedMatmul:
@@ -102,16 +112,40 @@ class PackedMatmul:
             )
 
     def blocked(self, x: torch.Tensor, dtype: torch.dtype, block_bytes: int = SCRATCH_BYTES) -> torch.Tensor:
-        """x (M, C) -> (M, R): W dequantized to `dtype` block by block into the shared scratch buffer,
-        each block multiplied by cuBLAS straight into its columns of the output."""
+        """x (M, C) -> (M, R): W dequantized to `dtype` block by block into two shared scratch
+        buffers, each block multiplied by cuBLAS straight into its columns of the output. On CUDA the
+        next block is dequantized on a side stream while cuBLAS multiplies the current one."""
         block = max(DEQUANT_BLOCK_ROWS, block_bytes // (self.cols * dtype.itemsize))
         block = min(self.rows, block - block % DEQUANT_BLOCK_ROWS)
-        buffer = scratch(block * self.cols, x.device, dtype).view(block, self.cols)
+        starts = range(0, self.rows, block)
+        buffers = [
+            scratch(block * self.cols, x.device, dtype, slot).view(block, self.cols)
+            for slot in range(min(2, len(starts)))
+        ]
         out = torch.empty(x.shape[0], self.rows, dtype=x.dtype, device=x.device)
-        for row0 in range(0, self.rows, block):
-            weight = buffer[: min(block, self.rows - row0)]
-            self.dequantize_rows(weight, row0)
+        overlap = x.is_cuda and len(starts) > 1
+        main = torch.cuda.current_stream(x.device) if overlap else None
+        side = side_stream(x.device) if overlap else None
+        if overlap:
+            side.wait_stream(main)  # x is ready and the previous call is done with the buffers
+        released: list[torch.cuda.Event | None] = [None] * len(buffers)
+        for index, row0 in enumerate(starts):
+            slot = index % len(buffers)
+            weight = buffers[slot][: min(block, self.rows - row0)]
+            if overlap:
+                with torch.cuda.stream(side):
+                    if released[slot] is not None:
+                        side.wait_event(released[slot])  # cuBLAS has read this buffer's last block
+                    self.dequantize_rows(weight, row0)
+                    ready = torch.cuda.Event()
+                    ready.record(side)
+                main.wait_event(ready)
+            else:
+                self.dequantize_rows(weight, row0)
             torch.mm(x, weight.t().to(x.dtype), out=out[:, row0 : row0 + weight.shape[0]])
+            if overlap:
+                released[slot] = torch.cuda.Event()
+                released[slot].record(main)
         return out
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
