@@ -165,7 +165,7 @@ def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> 
             row["blocked_us"] = row[f"blocked_{SCRATCH_BYTES // 2**20}mib_us"]
             if "fused_us" in row:  # packed GB read per second: distance to the memory floor
                 row["fused_GBps"] = packed_bytes / row["fused_us"] / 1e3
-            row["dispatch"] = "fused" if tokens <= FUSED_MAX_TOKENS else "blocked"
+            row["dispatch"] = "fused" if tokens <= FUSED_MAX_TOKENS[plans[0].kind] else "blocked"
             row["packed_us"] = row[f"{row['dispatch']}_us"]
             row["speedup_vs_bf16"] = row["bf16_us"] / row["packed_us"]
             if reference and tokens == 1:

@@ -14,10 +14,11 @@ import torch
 
 from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout
 
-# H200, LLaDA-8B shapes (docs/KERNELS.md): at 64 tokens the blocked path is faster for BCQ on every
-# shape and for uniform 2-bit on two of three; at 16 the fused kernel is faster for uniform 2-bit
-# (BCQ's blocked path is already faster there: a lower BCQ threshold is not yet measured at 1-4 tokens)
-FUSED_MAX_TOKENS = 32
+# Tokens per forward up to which the fused kernel runs, per packed kind. H200, LLaDA-8B shapes
+# (experiments/results/bench_packed_h200.json): the blocked path beats the fused BCQ kernel at every
+# M from 1 on all three shapes (33 vs 38 us, 92 vs 107 us, 94 vs 107 us at M = 1), so BCQ never runs
+# fused; the fused uniform kernel wins up to 16 tokens and loses at 64.
+FUSED_MAX_TOKENS = {"bcq": 0, "uniform": 32}
 # one row block of W in bf16; 64 MiB blocks beat L2-sized 16 MiB ones (fewer launches)
 SCRATCH_BYTES = 64 * 2**20
 DEQUANT_BLOCK_ROWS = 32
@@ -150,7 +151,7 @@ class PackedMatmul:
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x (M, C) -> (M, R), by the faster path for M tokens."""
-        return self.fused(x) if x.shape[0] <= FUSED_MAX_TOKENS else self.blocked(x, dtype)
+        return self.fused(x) if x.shape[0] <= FUSED_MAX_TOKENS[self.kind] else self.blocked(x, dtype)
 
 
 def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
