@@ -1,4 +1,5 @@
-"""One Hydra job: validate -> load -> calibration states (MCS) -> quantize -> save -> evaluate.
+"""One Hydra job: validate -> load -> calibration states (MCS) -> transform -> quantize -> save ->
+activation quantization hooks -> evaluate.
 
 Whatever happens, the job writes `results.json` (status ok | failed, with the error) and
 `layers.parquet` atomically into its output dir, finishes its W&B run and frees its model and GPU
@@ -8,6 +9,7 @@ the process in a single run; in a multirun it is recorded and the sweep goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import random
@@ -44,6 +46,8 @@ from qdllm.models.fingerprint import source_fingerprint
 from qdllm.models.registry import load_dllm, save_dllm
 from qdllm.packing.checkpoint import provenance, save_quantized
 from qdllm.pipeline.quantize import PipelineReport, quantize_model
+from qdllm.pipeline.transform import transform_model
+from qdllm.quant.activations import install_activation_quant
 from qdllm.quant.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -139,6 +143,13 @@ def _execute(cfg: DictConfig, job: _Job, hydra: dict[str, Any], model_files: str
             with _timed(job.timing, "save_model"):
                 save_dllm(dllm, job.output_dir / "model")
             job.record["artifacts"]["model"] = "model"
+        # every method alike: the evaluation sees the WxAy model (no hook with act=none)
+        hooks = install_activation_quant(dllm, specs.act)
+        job.record["quant"]["act"] = {
+            **dataclasses.asdict(specs.act),
+            "linears": hooks.linears,
+            "outputs": hooks.outputs,
+        }
         with _timed(job.timing, "eval"):
             job.record["eval"] = evaluate(dllm, specs.eval)
         if cfg.pack:  # after the evaluation, so that the model card carries the scores
@@ -186,13 +197,17 @@ def _model_record(specs, dllm, model_files: str | None) -> dict[str, Any]:
 
 
 def _quantize(dllm, specs, job: _Job) -> PipelineReport | None:
-    """MCS calibration states, then the pipeline (skipped for a method that does not quantize)."""
+    """MCS calibration states, the FP model's transform (`quant.transform`), then the pipeline
+    (skipped for a method that does not quantize)."""
     method = get_method(specs.quant.method)
-    report = None
-    if method.quantizes:
+    report, transformed = None, {}
+    if method.quantizes or specs.transform.enabled:
         with _timed(job.timing, "calibration_data"):
             windows, states = calibration_states(dllm, specs.data, specs.mcs)
         job.record["calib"] = {"windows": len(windows), "states": len(states), "tokens": states.numel()}
+        with _timed(job.timing, "transform"):
+            transformed = transform_model(dllm, states, specs.transform, specs.pipeline)
+    if method.quantizes:
         report = quantize_model(dllm, states, specs.quant, specs.pipeline)
         job.timing.update(report.timing)
         job.layers = report.layers
@@ -200,6 +215,7 @@ def _quantize(dllm, specs, job: _Job) -> PipelineReport | None:
         **quant_summary(job.layers, job.record["model"]["n_params"], specs.quant.method),
         "abmp_ratio": specs.quant.abmp_ratio if method.supports_abmp else 0.0,
         "abmp_scope": specs.quant.abmp_scope,
+        "transform": transformed,
     }
     return report
 

@@ -20,8 +20,10 @@ from qdllm.errors import ConfigError, require
 from qdllm.eval.runner import check_tasks
 from qdllm.models.registry import ModelSpec
 from qdllm.pipeline.quantize import PipelineSpec
+from qdllm.quant.activations import ActSpec
 from qdllm.quant.methods import get_method
 from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
+from qdllm.transforms import TransformSpec
 
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -36,6 +38,8 @@ class JobSpecs:
     data: DataSpec
     mcs: MCSSpec
     quant: QuantSpec
+    transform: TransformSpec
+    act: ActSpec
     pipeline: PipelineSpec
     eval: EvalConf
     logger: LoggerConf
@@ -48,6 +52,7 @@ def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
     require(0.0 <= abmp.ratio <= 0.5, "abmp.ratio", abmp.ratio, "must lie in [0, 0.5] (0 turns ABMP off)")
     require(abmp.scope in ABMP_SCOPES, "abmp.scope", abmp.scope, f"use one of {ABMP_SCOPES}")
     quant_fields = dataclasses.asdict(run.quant)
+    transform = TransformSpec(**quant_fields.pop("transform")).validated()
     quant_fields.update({key: getattr(abmp, name) for key, name in ABMP_FIELDS.items()})
     quant = QuantSpec.from_any(quant_fields)
     model = ModelSpec.from_any(dataclasses.asdict(run.model))
@@ -70,6 +75,8 @@ def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
         data=run.calib.data_spec(),
         mcs=run.calib.mcs_spec(),
         quant=quant,
+        transform=transform,
+        act=run.act.validated(),
         pipeline=dataclasses.replace(run.pipeline, pack=run.pack).validated(),
         eval=run.eval,
         logger=logger,

@@ -5,8 +5,9 @@ option and command-line override is type-checked at compose time (`abmp.ratio=ab
 keys fail there). Value ranges are checked by `qdllm.config.resolve_job`, before any work.
 
 The schemas reuse the framework-free specs: `model` is `ModelSpec`, `pipeline` is `PipelineSpec`,
-`quant` mirrors `QuantSpec` (without its ABMP fields, which live in the `abmp` node) and `calib`
-flattens `DataSpec` + `MCSSpec` with their defaults.
+`quant` mirrors `QuantSpec` (without its ABMP fields, which live in the `abmp` node) plus the
+`quant.transform` sub-node (`TransformSpec`), `act` is `ActSpec` and `calib` flattens `DataSpec` +
+`MCSSpec` with their defaults.
 """
 
 from __future__ import annotations
@@ -22,25 +23,35 @@ from qdllm.calib.mcs import MCSSpec
 from qdllm.data.calibration import DataSpec
 from qdllm.models.registry import ModelSpec
 from qdllm.pipeline.quantize import PipelineSpec
+from qdllm.quant.activations import ActSpec
 from qdllm.quant.spec import DEFAULT_ABMP_RATIO, QuantSpec
+from qdllm.transforms import TransformSpec
 
 ABMP_FIELDS = {"abmp_ratio": "ratio", "abmp_scope": "scope"}
 
 
-def _mirror(name: str, spec: type, drop: set[str]) -> type:
-    """A mutable dataclass with `spec`'s fields, types and defaults, minus `drop` (frozen specs
-    cannot be ConfigStore nodes that Hydra merges into)."""
+def _mirror(name: str, spec: type, drop: set[str], extra: tuple = ()) -> type:
+    """A mutable dataclass with `spec`'s fields, types and defaults, minus `drop`, plus `extra`
+    (name, type, field) triples (frozen specs cannot be ConfigStore nodes that Hydra merges into)."""
     hints = typing.get_type_hints(spec)
     fields = [
         (f.name, hints[f.name], field(default=f.default))
         for f in dataclasses.fields(spec)
         if f.name not in drop
     ]
-    return dataclasses.make_dataclass(name, fields)
+    return dataclasses.make_dataclass(name, [*fields, *extra])
 
 
-QuantConf = _mirror("QuantConf", QuantSpec, set(ABMP_FIELDS))
-QuantConf.__doc__ = "The `quant` node: `QuantSpec` without the ABMP fields (see `ABMPConf`)."
+QuantConf = _mirror(
+    "QuantConf",
+    QuantSpec,
+    set(ABMP_FIELDS),
+    extra=(("transform", TransformSpec, field(default_factory=TransformSpec)),),
+)
+QuantConf.__doc__ = (
+    "The `quant` node: `QuantSpec` without the ABMP fields (see `ABMPConf`), plus `transform`: the "
+    "function-preserving transform applied to the FP model before weight quantization."
+)
 
 
 @dataclass
@@ -164,12 +175,14 @@ class PathsConf:
 
 @dataclass
 class RunConf:
-    """The whole run: one job quantizes `model` with `quant` + `abmp` on `calib`, evaluates `eval`."""
+    """The whole run: one job quantizes `model` with `quant` + `abmp` on `calib`, evaluates `eval`
+    with activations quantized as `act` says."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     calib: CalibConf = field(default_factory=CalibConf)
     quant: QuantConf = field(default_factory=QuantConf)
     abmp: ABMPConf = field(default_factory=ABMPConf)
+    act: ActSpec = field(default_factory=ActSpec)  # activation fake-quantization (none: W?A16)
     eval: EvalConf = field(default_factory=EvalConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     paths: PathsConf = field(default_factory=PathsConf)
