@@ -29,12 +29,9 @@ TINY = [
     "eval.ppl.max_windows=1",
     "eval.ppl.mc_num=1",
 ]
-# no GPU here: jobs ask Ray for none; two at a time on the 2-core CI machine
-PARALLEL = [
-    "hydra/launcher=parallel",
-    "hydra.launcher.ray.remote.num_gpus=0",
-    "hydra.launcher.ray.init.num_cpus=2",
-]
+# the launcher's default GPU share (no GPU here: the qdllm_gpu_share resolver asks Ray for none);
+# two jobs at a time on the 2-core CI machine
+PARALLEL = ["hydra/launcher=parallel", "hydra.launcher.ray.init.num_cpus=2"]
 
 
 def _sweep(sweep_dir):

@@ -211,10 +211,20 @@ def job_dirname(overrides: str) -> str:
     return f"{name[: MAX_DIRNAME - 11]}-{digest}"
 
 
+def gpu_share(share: float) -> float:
+    """`share` of a GPU per job where this host has one, else 0: the parallel launcher's default
+    then runs on a CPU-only host instead of waiting forever for a GPU that Ray cannot find."""
+    import torch
+
+    return float(share) if torch.cuda.is_available() else 0.0
+
+
 def register_configs() -> None:
-    """Store the schema as `run_schema` and the `qdllm_dirname` resolver (both idempotent)."""
+    """Store the schema as `run_schema` and the `qdllm_dirname` and `qdllm_gpu_share` resolvers
+    (all idempotent)."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="run_schema", node=RunConf)
     OmegaConf.register_new_resolver("qdllm_dirname", job_dirname, replace=True)
+    OmegaConf.register_new_resolver("qdllm_gpu_share", gpu_share, replace=True)
