@@ -70,8 +70,14 @@ def fp64_tied_llada(seed: int = 0):
     """A tiny LLaDA whose LM head is the embedding (config.weight_tying)."""
     tokenizer = byte_level_tokenizer()
     cfg = LLaDAConfig(
-        d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=192,
-        vocab_size=len(tokenizer), embedding_size=len(tokenizer), weight_tying=True,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=4,
+        n_layers=2,
+        mlp_hidden_size=192,
+        vocab_size=len(tokenizer),
+        embedding_size=len(tokenizer),
+        weight_tying=True,
     )
     torch.manual_seed(seed)
     model = LLaDAModelLM(cfg).to(torch.float64).eval().requires_grad_(False)
@@ -108,6 +114,7 @@ def input_absmax(dllm, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
     handles = []
     for name in linear_names(dllm):
+
         def hook(module, args, name=name):
             found[name] = args[0].abs().reshape(-1, args[0].shape[-1]).amax(0).float()
 

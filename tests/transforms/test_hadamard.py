@@ -55,8 +55,17 @@ def test_every_small_order_is_built_or_refused_brute_force():
                 hadamard_matrix(n)
 
 
-@pytest.mark.parametrize("n,paley,power", [(3584, (28,), 128), (18944, (148,), 128), (12288, (12,), 1024),
-                                           (576, (36,), 16), (1536, (12,), 128), (4096, (), 4096)])
+@pytest.mark.parametrize(
+    "n,paley,power",
+    [
+        (3584, (28,), 128),
+        (18944, (148,), 128),
+        (12288, (12,), 1024),
+        (576, (36,), 16),
+        (1536, (12,), 128),
+        (4096, (), 4096),
+    ],
+)
 def test_decomposition_uses_the_smallest_dense_factor(n, paley, power):
     assert hadamard_decomposition(n) == (paley, power)
 
@@ -126,9 +135,17 @@ def test_fallback_is_a_seeded_orthogonal_factor_times_the_fast_part():
         assert not torch.equal(q, rotation(n, seed=1, fallback=True).matrix())
 
 
-@pytest.mark.parametrize("n,message", [(0, "positive integer"), (-4, "positive integer"),
-                                       (6, "multiples of 4"), (10, "multiples of 4"),
-                                       (92, "Paley"), (172, "Paley")])
+@pytest.mark.parametrize(
+    "n,message",
+    [
+        (0, "positive integer"),
+        (-4, "positive integer"),
+        (6, "multiples of 4"),
+        (10, "multiples of 4"),
+        (92, "Paley"),
+        (172, "Paley"),
+    ],
+)
 def test_orders_without_construction_raise_clear_errors(n, message):
     with pytest.raises(HadamardError, match=message):
         hadamard_decomposition(n)

@@ -23,7 +23,7 @@ with the fast 2^k part; the returned transform says so (`is_hadamard` False).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -62,21 +62,27 @@ def paley_matrix(m: int) -> torch.Tensor:
     """(m, m) +-1 Hadamard matrix of order m by Paley I or II (`paley_order_source(m)` not None)."""
     source = paley_order_source(m)
     if source is None:
-        raise HadamardError(f"order {m}: no Paley construction (needs m - 1 prime = 3 mod 4, or m/2 - 1 prime = 1 mod 4)")
+        raise HadamardError(
+            f"order {m}: no Paley construction (needs m - 1 prime = 3 mod 4, or m/2 - 1 prime = 1 mod 4)"
+        )
     kind, q = source
     jac = _jacobsthal(q)
     ones = torch.ones(q, 1, dtype=FACTOR_DTYPE)
     if kind == "I":  # skew conference matrix C = [[0, 1^T], [-1, J]], H = I + C
-        conf = torch.cat([torch.cat([torch.zeros(1, 1, dtype=FACTOR_DTYPE), ones.T], 1), torch.cat([-ones, jac], 1)])
+        conf = torch.cat(
+            [torch.cat([torch.zeros(1, 1, dtype=FACTOR_DTYPE), ones.T], 1), torch.cat([-ones, jac], 1)]
+        )
         return torch.eye(q + 1, dtype=FACTOR_DTYPE) + conf
     # symmetric conference matrix C = [[0, 1^T], [1, J]]; H = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]]
-    conf = torch.cat([torch.cat([torch.zeros(1, 1, dtype=FACTOR_DTYPE), ones.T], 1), torch.cat([ones, jac], 1)])
+    conf = torch.cat(
+        [torch.cat([torch.zeros(1, 1, dtype=FACTOR_DTYPE), ones.T], 1), torch.cat([ones, jac], 1)]
+    )
     a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=FACTOR_DTYPE)
     b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=FACTOR_DTYPE)
     return torch.kron(conf, a) + torch.kron(torch.eye(q + 1, dtype=FACTOR_DTYPE), b)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _paley_product(m: int) -> tuple[int, ...] | None:
     """Paley orders (each > 2) whose product is m, fewest factors first; () for m = 1; None if none."""
     if m == 1:
