@@ -14,19 +14,20 @@ Registry: `TRANSFORMS` maps a name to a `Transform`. A transform is a function
 `apply(dllm, spec, act_absmax) -> report`, where `act_absmax` maps every quantized Linear's full
 name to the (C,) fp32 max |x| of its input over the calibration set (FP model). It edits the model
 in place and returns a JSON-able report (recorded under `quant.transform` in results.json).
-Rotations plug in with one line each:
-
-    "quarot": Transform(apply_quarot),
-    "duquant": Transform(apply_duquant, needs_act_absmax=True),
+QuaRot (`quarot.py`) and DuQuant (`duquant.py`) leave online rotations on some Linear inputs
+(`online.py`), which the packed format does not store: `resolve_job` refuses `pack=true` with them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qdllm.errors import ConfigError, require
+from qdllm.transforms.duquant import DuQuantSpec, apply_duquant
+from qdllm.transforms.quarot import QuaRotSpec, apply_quarot
 from qdllm.transforms.smooth import SMOOTH_SITES, apply_smoothquant
 
 NONE = "none"
@@ -38,10 +39,29 @@ class Transform:
 
     apply: Callable[..., dict[str, Any] | None]
     needs_act_absmax: bool = False
+    online: bool = False  # leaves rotations applied at run time on some Linear inputs
+
+
+def _quarot(dllm, spec: TransformSpec) -> dict[str, Any]:
+    quarot = QuaRotSpec(spec.seed, online_ffn_out=spec.online_ffn_out, online_attn_out=spec.online_attn_out)
+    return dataclasses.asdict(apply_quarot(dllm, quarot))
+
+
+def _duquant(dllm, spec: TransformSpec, act_absmax) -> dict[str, Any]:
+    duquant = DuQuantSpec(
+        alpha=spec.alpha,
+        smooth=spec.smooth,
+        block_size=spec.block_size,
+        steps=spec.rotation_steps,
+        permute=spec.permutation_times > 0,
+    )
+    return dataclasses.asdict(apply_duquant(dllm, duquant, act_absmax))
 
 
 TRANSFORMS: dict[str, Transform] = {
     "smoothquant": Transform(apply_smoothquant, needs_act_absmax=True),
+    "quarot": Transform(_quarot, online=True),
+    "duquant": Transform(_duquant, needs_act_absmax=True, online=True),
 }
 
 
@@ -53,15 +73,22 @@ class TransformSpec:
     alpha: SmoothQuant's migration strength (eq. 4), 0.5 in the QDLM study (also DuQuant's smoothing).
     sites: where smoothing folds (`qdllm.transforms.smooth`): qkv, ffn_in (canonical SmoothQuant),
         attn_out (MHA only), ffn_out (QDLM's code smooths all four).
-    seed: random choices of rotation transforms (QuaRot's Hadamard signs, DuQuant's rotations).
+    seed: random choices of rotation transforms (QuaRot's Hadamard signs, its random orthogonal
+        factors where no Hadamard order exists).
+    online_ffn_out, online_attn_out: QuaRot's online Hadamards at the ffn_out input and across heads
+        at the attn_out input.
+    smooth: DuQuant's smoothing (with `alpha`) before its rotations.
     block_size, rotation_steps, permutation_times: DuQuant's block-diagonal rotation (block 128,
-        256 greedy steps, one zigzag permutation in the QDLM study).
+        256 greedy steps, one zigzag permutation in the QDLM study; 0 permutations: one rotation).
     """
 
     name: str = NONE
     alpha: float = 0.5
     sites: list[str] = field(default_factory=lambda: ["qkv", "ffn_in", "attn_out"])
     seed: int = 0
+    online_ffn_out: bool = True
+    online_attn_out: bool = True
+    smooth: bool = True
     block_size: int = 128
     rotation_steps: int = 256
     permutation_times: int = 1
@@ -97,6 +124,11 @@ def get_transform(name: str) -> Transform:
     return TRANSFORMS[name]
 
 
+def leaves_online_rotations(name: str) -> bool:
+    """Whether the transform `name` keeps run-time rotations (not stored by the packed format)."""
+    return name in TRANSFORMS and TRANSFORMS[name].online
+
+
 __all__ = [
     "NONE",
     "SMOOTH_SITES",
@@ -105,4 +137,5 @@ __all__ = [
     "TransformSpec",
     "apply_smoothquant",
     "get_transform",
+    "leaves_online_rotations",
 ]
