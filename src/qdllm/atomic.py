@@ -15,11 +15,19 @@ import torch
 def write_json_atomic(path: Path, obj: Any, lenient: bool = False) -> None:
     """Standard JSON (non-finite floats become null), replaced in one step. `lenient` writes any
     other object as its `str` (third-party records such as lm-eval's task configs)."""
-    tmp = path.with_name(path.name + ".tmp")
     default = (
         (lambda v: _jsonable(v) if isinstance(v, (torch.Tensor, Path)) else str(v)) if lenient else _jsonable
     )
-    tmp.write_text(json.dumps(_finite(obj), indent=2, default=default, allow_nan=False))
+    write_text_atomic(path, json.dumps(_finite(obj), indent=2, default=default, allow_nan=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
