@@ -99,3 +99,32 @@ def test_analyze_reports_every_block_and_layer_type_per_t(dllm):
     assert set(report.planes) == {("original", 0.0), ("original", 1.0)}
     assert set(report.planes[("original", 0.0)]) == set(LAYER_TYPES)
     assert 0 <= report.plot_block < n_blocks
+
+
+def test_the_automatic_plot_block_has_the_largest_clean_ffn_out_ratio(dllm):
+    spec = OutlierSpec(ts=(0.0, 0.5), samples=2, seqlen=16)
+    windows = torch.randint(1, 200, (2, 16), generator=torch.Generator().manual_seed(4))
+    report = analyze(dllm, windows, spec)
+    ratios = {
+        rec["block"]: rec["stats"]["all"]["max_median"]
+        for rec in report.records
+        if rec["t"] == 0.0 and rec["layer_type"] == "ffn_out"
+    }
+    assert report.plot_block == max(ratios, key=ratios.get)
+    # the plotted plane is |x| of window 0 at that block's ffn_out input
+    plane = report.planes[("original", 0.0)]["ffn_out"]
+    assert plane.shape == (16, dllm.blocks()[0].get_submodule(dllm.anatomy().ffn_out).in_features)
+    assert float(plane.min()) >= 0.0
+
+
+def test_max_pool_plane_keeps_the_peaks():
+    from qdllm.analysis.outlier_plots import max_pool_plane
+
+    plane = torch.zeros(30, 100)
+    plane[7, 61] = 9.0
+    plane[29, 99] = 4.0
+    pooled = max_pool_plane(plane, 8)
+    assert pooled.shape == (8, 8)  # bins of ceil(30/8) = 4 tokens and ceil(100/8) = 13 channels
+    assert pooled[7 // 4, 61 // 13] == 9.0 and pooled[29 // 4, 99 // 13] == 4.0
+    assert float(pooled.sum()) == 13.0
+    assert torch.equal(max_pool_plane(plane, 200), plane)

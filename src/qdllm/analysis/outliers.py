@@ -383,7 +383,7 @@ class OutlierSpec:
     max_timesteps: int = 100  # largest MCS grid T used to place the requested t
     massive_threshold: float = 100.0  # massive: |x| > this x median |x| (Sun et al. 2024: ~1000x and > 100)
     topk: int = 8  # channels in the top-k mass share
-    list_limit: int = 16  # massive tokens and positions listed per layer in the JSON
+    list_limit: int = 8  # massive tokens and positions listed per layer in the JSON
     plot_block: int | None = None  # block of the 3-D plots; None: the clean ffn_out max/median peak
     plot_sample: int = 0  # window shown in the 3-D plots
     plot_max_points: int = 192  # 3-D surfaces are max-pooled to at most this many channels / tokens
