@@ -680,7 +680,8 @@ def write_outputs(report: OutlierReport, out: Path) -> dict[str, Path]:
     write_text_atomic(
         paths["summary_md"], summary_markdown(report, summary) + "\n" + per_block_markdown(report)
     )
-    write_json_atomic(paths["layers_json"], {"meta": _meta(report), "layers": report.records})
+    # compact: one record per (state, t, block, layer type), thousands for a 30-block model
+    write_json_atomic(paths["layers_json"], {"meta": _meta(report), "layers": report.records}, indent=None)
     outlier_plots.surfaces(report, paths["surfaces"])
     outlier_plots.massive_vs_mask_ratio(summary, paths["mask_ratio"])
     outlier_plots.max_median_per_block(report.layers, paths["per_block"])
