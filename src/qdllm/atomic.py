@@ -12,14 +12,26 @@ import pandas as pd
 import torch
 
 
-def write_json_atomic(path: Path, obj: Any, lenient: bool = False) -> None:
+def write_json_atomic(path: Path, obj: Any, lenient: bool = False, indent: int | None = 2) -> None:
     """Standard JSON (non-finite floats become null), replaced in one step. `lenient` writes any
-    other object as its `str` (third-party records such as lm-eval's task configs)."""
-    tmp = path.with_name(path.name + ".tmp")
+    other object as its `str` (third-party records such as lm-eval's task configs); `indent=None`
+    writes it compactly."""
     default = (
         (lambda v: _jsonable(v) if isinstance(v, (torch.Tensor, Path)) else str(v)) if lenient else _jsonable
     )
-    tmp.write_text(json.dumps(_finite(obj), indent=2, default=default, allow_nan=False))
+    separators = None if indent is not None else (",", ":")
+    write_text_atomic(
+        path, json.dumps(_finite(obj), indent=indent, separators=separators, default=default, allow_nan=False)
+    )
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
