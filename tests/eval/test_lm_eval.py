@@ -98,6 +98,12 @@ def test_run_py_eval_smoke_writes_task_metrics(tmp_path):
     record = read_record(tmp_path)
     assert set(record["eval"]) == {"arc_easy", "piqa", "bbh_zeroshot_boolean_expressions"}
     assert record["eval"]["arc_easy"]["n"] == 3 and 0 <= record["eval"]["piqa"]["acc"] <= 1
+    # per-document scores, for paired comparisons: their mean is the reported accuracy
+    per_doc = json.loads((tmp_path / "lm_eval_results.json").read_text())["per_document"]
+    for task in ("arc_easy", "piqa"):
+        scores = per_doc[task]
+        assert sorted(scores["doc_id"]) == list(range(3)) and set(scores["acc"]) <= {0.0, 1.0}
+        assert sum(scores["acc"]) / 3 == pytest.approx(record["eval"][task]["acc"])
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])

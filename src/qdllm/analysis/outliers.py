@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -614,34 +613,21 @@ def merge(before: OutlierReport, after: OutlierReport) -> OutlierReport:
 # transforms (optional): qdllm.transforms' registry
 
 
-def transform_registry() -> Mapping[str, Callable]:
-    """`qdllm.transforms.TRANSFORMS`: name -> callable(dllm, windows) rewriting the model in place.
+def transform_names() -> list[str]:
+    """The transforms `--transform` accepts: `qdllm.transforms.TRANSFORMS`."""
+    from qdllm.transforms import TRANSFORMS
 
-    Raises ConfigError when the package or its registry does not exist in this checkout.
-    """
-    try:
-        module = importlib.import_module("qdllm.transforms")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("qdllm.transforms", "qdllm"):
-            raise
-        raise ConfigError(
-            "--transform: this checkout has no qdllm.transforms package; analyse a transformed model "
-            "from Python (qdllm.analysis.outliers.analyze(dllm, ...)) or drop --transform"
-        ) from exc
-    registry = getattr(module, "TRANSFORMS", None)
-    if not isinstance(registry, Mapping):
-        raise ConfigError(
-            "--transform: qdllm.transforms has no TRANSFORMS registry (a mapping name -> "
-            "callable(dllm, windows)); drop --transform"
-        )
-    return registry
+    return sorted(TRANSFORMS)
 
 
-def apply_transform(dllm, name: str, windows: torch.Tensor) -> None:
-    """Rewrite `dllm` in place with the registered transform `name`, calibrated on `windows` (n, L)."""
-    registry = transform_registry()
-    require(name in registry, "--transform", name, f"use one of {sorted(registry)}")
-    registry[name](dllm, windows)
+def apply_transform(dllm, name: str, windows: torch.Tensor) -> dict:
+    """Rewrite `dllm` in place with the registered transform `name` (its default settings),
+    calibrated on the clean `windows` (n, L) where it reads activation maxima; returns its report."""
+    from qdllm.pipeline.transform import transform_model
+    from qdllm.transforms import TransformSpec
+
+    require(name in transform_names(), "--transform", name, f"use one of {transform_names()}")
+    return transform_model(dllm, windows, TransformSpec(name=name))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -769,10 +755,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, O
     try:
         spec = OutlierSpec(**values).validated()
         if spec.transform is not None:
-            registry = transform_registry()
-            require(
-                spec.transform in registry, "--transform", spec.transform, f"use one of {sorted(registry)}"
-            )
+            names = transform_names()
+            require(spec.transform in names, "--transform", spec.transform, f"use one of {names}")
     except ConfigError as exc:
         parser.error(str(exc))
     return args, spec

@@ -185,18 +185,38 @@ def run_lm_eval(dllm: DiffusionLM, eval_cfg: Any, tasks: list[str]) -> dict[str,
                 torch_random_seed=eval_cfg.seed,
                 fewshot_random_seed=eval_cfg.seed,
                 confirm_run_unsafe_code=eval_cfg.confirm_run_unsafe_code,
+                log_samples=True,
             )
             for task in group:  # groups (mmlu, bbh_zeroshot) are reported by their aggregate
                 metrics[task] = flatten_metrics(out["results"][task])
             # every subtask, as reported
             for key in ("results", "configs", "n-shot", "n-samples", "versions"):
                 details.setdefault(key, {}).update(out.get(key) or {})
+            # per-document scores: paired comparisons between models that saw the same documents
+            details.setdefault("per_document", {}).update(per_document_scores(out.get("samples") or {}))
     seconds = time.perf_counter() - start
     rate = lm.requests_done / seconds
     details["speed"] = {"requests": lm.requests_done, "seconds": seconds, "requests_per_second": rate}
     log.info("lm-eval: %d requests in %.1f s (%.2f requests/s)", lm.requests_done, seconds, rate)
     write_json_atomic(Path(eval_cfg.results_file), details, lenient=True)
     return metrics
+
+
+def per_document_scores(samples: dict[str, list[dict]]) -> dict[str, dict[str, list[float]]]:
+    """lm-eval's logged samples -> {task: {"doc_id": [...], metric: [...]}} for every numeric
+    per-document metric (acc, acc_norm, exact_match, pass@1, ...)."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    for task, rows in samples.items():
+        table: dict[str, list[float]] = {"doc_id": [row["doc_id"] for row in rows]}
+        for metric in rows[0] if rows else ():
+            values = [row[metric] for row in rows]
+            if (
+                all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+                and metric != "doc_id"
+            ):
+                table[metric] = [float(v) for v in values]
+        scores[task] = table
+    return scores
 
 
 def flatten_metrics(values: dict[str, Any]) -> dict[str, float]:
