@@ -107,7 +107,7 @@ def quantize(
     """Quantize `dllm` in place (fake-quantized weights) and keep the packed tensors.
 
     Args:
-        method: "daq" (Quant-dLLM), "rtn", "gptq", "gptaq", "slim".
+        method: "daq" (Quant-dLLM), "rtn", "gptq", "gptaq", "slim", "awq".
         bits: bit width; for DAQ the binary order K (paper eq. 3).
         nsamples, seqlen: calibration windows of the bundled C4 excerpt (or of `calib`).
         calib: other calibration text: a `DataSpec` or a dict of its fields (`path=...`, `source="hf"`).

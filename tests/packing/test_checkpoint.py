@@ -48,6 +48,7 @@ def edit_quantization_config(path, edit) -> None:
         ("dream", {"method": "gptq", "bits": 2}),
         ("llada", {"method": "rtn", "bits": 4, "sym": True}),
         ("dream", {"method": "slim", "bits": 2}),
+        ("dream", {"method": "awq", "bits": 3}),
     ],
 )
 def test_packed_checkpoint_round_trips_to_identical_logits(tmp_path, family, cfg):
@@ -131,7 +132,9 @@ def test_table3_from_shapes_matches_the_spec_accounting():
     assert daq_bpw == pytest.approx(2.255, abs=1e-3) and gptq < daq < fp16
 
 
-@pytest.mark.parametrize("cfg", [{"method": "daq", "abmp_ratio": 0.3}, {"method": "gptq", "bits": 3}])
+@pytest.mark.parametrize(
+    "cfg", [{"method": "daq", "abmp_ratio": 0.3}, {"method": "gptq", "bits": 3}, {"method": "awq", "bits": 4}]
+)
 def test_transformers_from_pretrained_loads_a_packed_dream(tmp_path, cfg):
     """After `import qdllm`, transformers builds the Qwen2 model with QuantizedLinears itself."""
     from transformers import AutoModelForCausalLM

@@ -23,7 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from qdllm.models.base import DiffusionLM
 from qdllm.models.registry import DTYPES, build_skeleton, wrap_model
-from qdllm.packing.format import FORMAT_VERSION, ModuleFormat, PackedFormatError, module_formats
+from qdllm.packing.format import (
+    FORMAT_VERSION,
+    INPUT_SCALE_KEY,
+    ModuleFormat,
+    PackedFormatError,
+    module_formats,
+)
 from qdllm.packing.module import QuantizedLinear
 from qdllm.quant.methods import get_method
 from qdllm.quant.spec import QuantSpec
@@ -34,7 +40,8 @@ PACKED_KEYS = {
     "bcq": ("bcq_k", "bcq_signs", "bcq_row_scale", "bcq_col_scale", "weight_shape"),
     "uniform": ("uq_bits", "uq_codes", "uq_scale", "weight_shape"),
 }
-OPTIONAL_KEYS = {"bcq": ("bcq_row_mean",), "uniform": ("uq_zero", "uq_mean", "uq_g_idx")}
+OPTIONAL_KEYS = {"bcq": ("bcq_row_mean",), "uniform": ("uq_zero", "uq_mean", "uq_g_idx", INPUT_SCALE_KEY)}
+SCALE_LEAVES = ("bcq_row_scale", "bcq_col_scale", "bcq_row_mean", "uq_scale", "uq_zero", INPUT_SCALE_KEY)
 
 
 def provenance(quant: QuantSpec, bits_per_weight: float, calibration: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +193,7 @@ def size_breakdown(tensors: dict[str, torch.Tensor], packed: dict) -> dict[str, 
             out["unquantized"] += nbytes
         elif leaf in ("bcq_signs", "uq_codes"):
             out["signs_or_codes"] += nbytes
-        elif leaf in ("bcq_row_scale", "bcq_col_scale", "bcq_row_mean", "uq_scale", "uq_zero"):
+        elif leaf in SCALE_LEAVES:
             out["scales_and_zeros"] += nbytes
         else:
             out["maps"] += nbytes

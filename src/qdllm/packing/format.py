@@ -3,7 +3,9 @@
 Format version 2 records every packed module's `ModuleFormat` under
 `quantization_config.modules`; version 1 recorded only the kind per module and one `group_size` /
 `sym` for the whole checkpoint (scale dtype implied by the stored scales). Both are read, and every
-module's format is cross-checked against its tensors at load.
+module's format is cross-checked against its tensors at load. A uniform module may carry a
+per-input-channel scale (`uq_input_scale`, AWQ), recorded as `input_scale: true`; a format without
+the key has none, so checkpoints written before it load unchanged.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 KINDS = ("bcq", "uniform")
 FIELDS = {"bcq": ("group_size", "scale_dtype"), "uniform": ("group_size", "scale_dtype", "sym")}
+OPTIONAL_FIELDS = {"bcq": (), "uniform": ("input_scale",)}  # recorded only when set
 GROUP_KEY = {"bcq": "bcq_k", "uniform": "uq_bits"}  # one entry per column group
-SCALE_KEYS = {"bcq": ("bcq_row_scale", "bcq_col_scale", "bcq_row_mean"), "uniform": ("uq_scale", "uq_mean")}
+SCALE_KEYS = {
+    "bcq": ("bcq_row_scale", "bcq_col_scale", "bcq_row_mean"),
+    "uniform": ("uq_scale", "uq_mean", "uq_input_scale"),
+}
+INPUT_SCALE_KEY = "uq_input_scale"
 
 
 class PackedFormatError(ValueError):
@@ -36,12 +43,15 @@ class ModuleFormat:
     group_size: columns per group as quantized (this Linear's effective group size).
     scale_dtype: storage dtype of every scale (and row mean), a key of `SCALE_DTYPES`.
     sym: uniform only; True when the zero point 2^(b-1) is implied, not stored. None for bcq.
+    input_scale: uniform only; True when the codes store Q(W diag(s)) and the Linear divides its
+        input by s (C,) (`uq_input_scale`, AWQ).
     """
 
     kind: str
     group_size: int
     scale_dtype: str
     sym: bool | None = None
+    input_scale: bool = False
 
     @classmethod
     def of_tensors(
@@ -52,10 +62,12 @@ class ModuleFormat:
         names = [name for name, candidate in SCALE_DTYPES.items() if candidate == dtype]
         if not names:
             raise PackedFormatError(f"scales of dtype {dtype} are not one of {list(SCALE_DTYPES)}")
-        return cls(kind, group_size, names[0], sym if kind == "uniform" else None)
+        if kind == "bcq":
+            return cls(kind, group_size, names[0])
+        return cls(kind, group_size, names[0], sym, INPUT_SCALE_KEY in tensors)
 
     def to_json(self) -> dict[str, Any]:
-        fields = ("kind", *FIELDS[self.kind])
+        fields = ("kind", *FIELDS[self.kind], *(f for f in OPTIONAL_FIELDS[self.kind] if getattr(self, f)))
         return {key: value for key, value in asdict(self).items() if key in fields}
 
     @classmethod
@@ -70,10 +82,11 @@ class ModuleFormat:
         if kind not in KINDS:
             raise PackedFormatError(f"module {module}: kind={kind!r} must be one of {KINDS}")
         missing = [key for key in FIELDS[kind] if key not in raw]
-        unknown = sorted(set(raw) - {"kind", *FIELDS[kind]})
+        unknown = sorted(set(raw) - {"kind", *FIELDS[kind], *OPTIONAL_FIELDS[kind]})
         if missing or unknown:
+            optional = f" (optional {OPTIONAL_FIELDS[kind]})" if OPTIONAL_FIELDS[kind] else ""
             raise PackedFormatError(
-                f"module {module}: a {kind} format records exactly {FIELDS[kind]}; "
+                f"module {module}: a {kind} format records exactly {FIELDS[kind]}{optional}; "
                 f"missing {missing}, unknown {unknown}"
             )
         group_size, scale_dtype = raw["group_size"], raw["scale_dtype"]
@@ -86,7 +99,10 @@ class ModuleFormat:
         sym = raw.get("sym")
         if kind == "uniform" and not isinstance(sym, bool):
             raise PackedFormatError(f"module {module}: sym={sym!r} must be true or false")
-        return cls(kind, group_size, scale_dtype, sym)
+        input_scale = raw.get("input_scale", False)
+        if not isinstance(input_scale, bool):
+            raise PackedFormatError(f"module {module}: input_scale={input_scale!r} must be true or false")
+        return cls(kind, group_size, scale_dtype, sym, input_scale)
 
     def check(self, module: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raise `PackedFormatError` unless `tensors` (loaded values) are laid out as recorded."""
@@ -107,6 +123,20 @@ class ModuleFormat:
                 )
         if self.kind == "uniform":
             self._check_zero_points(module, tensors)
+            self._check_input_scale(module, tensors, cols)
+
+    def _check_input_scale(self, module: str, tensors: Mapping[str, torch.Tensor], cols: int) -> None:
+        """`input_scale` set <=> a (C,) uq_input_scale is stored."""
+        stored = tensors.get(INPUT_SCALE_KEY)
+        if self.input_scale != (stored is not None):
+            has = "stores" if stored is not None else "does not store"
+            raise PackedFormatError(
+                f"module {module}: input_scale={self.input_scale} but the module {has} {INPUT_SCALE_KEY}"
+            )
+        if stored is not None and tuple(stored.shape) != (cols,):
+            raise PackedFormatError(
+                f"module {module}: {INPUT_SCALE_KEY} has shape {tuple(stored.shape)}, expected ({cols},)"
+            )
 
     def _check_zero_points(self, module: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Asymmetric grids store their zero points (uq_zero); symmetric ones imply 2^(b-1). A

@@ -16,6 +16,8 @@ Uniform (RTN, GPTQ, GPTAQ, SliM-LLM), codes in the original column order:
                                               group order (asymmetric only)
     uq_mean        scale  (G_binary, R)       row means of the binarised groups
     uq_g_idx       int32  (C,)                group of each column, when not c // group_size
+    uq_input_scale scale  (C,)                AWQ's input scale s: the codes store Q(W diag(s)),
+                                              the weight is Q(W diag(s)) diag(s)^-1
 Both: weight_shape int32 (2,). "scale" is the configured `quant.scale_dtype` (the quantizers round
 every scale to it, so storing it keeps the weights exact). Nothing is padded, so the file size
 equals the reported bits per weight up to one partial word per row. Unpacking recomputes the
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from qdllm.packing.bits import pack_bits, unpack_bits
-from qdllm.packing.format import ModuleFormat, PackedFormatError
+from qdllm.packing.format import INPUT_SCALE_KEY, ModuleFormat, PackedFormatError
 from qdllm.quant.daq import BinaryCode
 from qdllm.quant.groups import group_slices
 from qdllm.quant.methods import get_method
@@ -204,16 +206,19 @@ def pack_result(result, quant, shape: tuple[int, int]) -> tuple[ModuleFormat, di
     The method's `pack_kind` names the layout; the format records what the tensors were produced with:
     the result's group size, the scale dtype, and for uniform grids whether the quantizer implied the
     zero point (`state["sym"]`: SliM-LLM fits asymmetric grids whatever `quant.sym` says). Uniform groups
-    are stored at their `result.orders`."""
+    are stored at their `result.orders`. A state with an `input_scale` s (AWQ) stores the codes of its
+    `scaled_weight` Q(W diag(s)) and s itself."""
     kind = get_method(result.method).pack_kind
     if kind == "bcq":
         fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype)
         return fmt, pack_daq(result.state["codes"], shape, quant.torch_scale_dtype)
     if kind == "uniform":
         params, sym = result.state["params"], result.state["sym"]
-        fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype, sym)
+        input_scale = result.state.get("input_scale")
+        fmt = ModuleFormat(kind, result.group_size, quant.scale_dtype, sym, input_scale is not None)
+        weight_q = result.weight if input_scale is None else result.state["scaled_weight"]
         tensors = pack_uniform(
-            result.weight.float(),
+            weight_q.float(),
             params,
             result.state.get("g_idx"),
             result.orders.tolist(),
@@ -221,5 +226,7 @@ def pack_result(result, quant, shape: tuple[int, int]) -> tuple[ModuleFormat, di
             result.group_size,
             quant.torch_scale_dtype,
         )
+        if input_scale is not None:
+            tensors[INPUT_SCALE_KEY] = input_scale.cpu().to(quant.torch_scale_dtype)
         return fmt, tensors
     raise PackedFormatError(f"quant.method={result.method!r} has no packed format; run without pipeline.pack")

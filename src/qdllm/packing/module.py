@@ -1,7 +1,11 @@
 """`QuantizedLinear`: a Linear that stores packed low-bit tensors and computes what the fake-quantized
 Linear computes. On CUDA it runs `qdllm.kernels` (fused low-bit kernels, no dequantized copy kept);
 elsewhere, or with `kernel=False`, the reference path: unpack to the dequantized weight, then
-F.linear. `cache=True` keeps the dequantized weight after first use (reference path)."""
+F.linear. `cache=True` keeps the dequantized weight after first use (reference path).
+
+A uniform module with an input scale s (AWQ, `fmt.input_scale`) computes (x diag(s)^-1) Q^T, Q the
+stored codes' weight: the kernels get x / s; the reference path folds 1/s into the dequantized columns
+(Q diag(s)^-1, the fake-quantized weight bit for bit, so the logits equal the fake-quantized model's)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdllm.kernels import packed_linear
-from qdllm.packing.format import ModuleFormat
+from qdllm.packing.format import INPUT_SCALE_KEY, ModuleFormat
 from qdllm.packing.linear import unpack_daq, unpack_uniform
 
 
@@ -48,6 +52,8 @@ class QuantizedLinear(nn.Module):
             weight = unpack_daq(tensors, fmt.group_size)
         else:
             weight = unpack_uniform(tensors, fmt.sym, fmt.group_size)
+            if fmt.input_scale:
+                weight = weight / tensors[INPUT_SCALE_KEY].float()
         weight = weight.to(device=self.weight_shape.device, dtype=self.dtype)
         if self.cache:
             self._dequantized = weight
@@ -55,6 +61,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.kernel and not self.cache:
+            if self.fmt.input_scale:  # the kernels multiply by the stored Q(W diag(s)) itself
+                x = (x.float() / getattr(self, INPUT_SCALE_KEY).float()).to(x.dtype)
             return packed_linear(self, x)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 

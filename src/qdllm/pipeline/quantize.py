@@ -338,7 +338,7 @@ def _stage_statistics(run: _Run, block, fp_block, stage, first) -> tuple:
             allow_tf32=tf32,
         )
     if run.method.needs_inputs:
-        sample = stage_input_sample(run_block, first, run.cache, device, run.quant.slim_kl_tokens)
+        sample = stage_input_sample(run_block, first, run.cache, device, run.method.input_rows(run.quant))
     return s, cross, sample
 
 

@@ -120,7 +120,7 @@ def asymmetric_moments(
 def stage_input_sample(
     run_block: Callable, module: nn.Module, chunks: Sequence[torch.Tensor], device: torch.device, tokens: int
 ) -> torch.Tensor:
-    """(<= tokens, C) fp32: the first `tokens` input rows of `module` over the chunks (SliM-LLM's KL)."""
+    """(<= tokens, C) fp32: the first `tokens` input rows of `module` over the chunks (SliM-LLM, AWQ)."""
     rows, seen = [], 0
     for chunk in chunks:
         rows.append(stage_input(run_block, module, chunk, device))

@@ -33,6 +33,11 @@ def uniform_bits(rows: int, widths: Sequence[int], bits: Sequence[int], sym: boo
     return total
 
 
+def input_scale_bits(cols: int, scale_bits: int) -> int:
+    """One stored scale per input channel (AWQ's s, the Linear divides its input by it)."""
+    return cols * scale_bits
+
+
 def slim_bits(rows: int, widths: Sequence[int], bits: Sequence[int], scale_bits: int) -> int:
     """SliM-LLM: asymmetric uniform groups as `uniform_bits`; a 1-bit group stores its signs, a
     row mean and a row scale."""

@@ -17,6 +17,7 @@ import torch
 
 from qdllm.quant import accounting, slim
 from qdllm.quant.abmp import allocate_orders, group_scores
+from qdllm.quant.awq import awq_quantize, clip_ratios
 from qdllm.quant.compensation import quantize_sequential
 from qdllm.quant.daq import BinaryCode, daq_quantize
 from qdllm.quant.errors import QuantConfigError, QuantInputError, check_field
@@ -43,7 +44,7 @@ class LinearProblem:
         hessian: (C, C) fp32 second moment S = X^T X / N with dead channels repaired (S_jj = 1), or
             None when the method runs data-free.
         cross_moment: (C, C) fp32 GPTAQ's D = (X - X~)^T X~ / N, dead columns zeroed, or None.
-        inputs: (n, C) fp32 calibration inputs of this Linear (SliM-LLM), or None.
+        inputs: (n, C) fp32 calibration inputs of this Linear (SliM-LLM, AWQ), or None.
         orders: (G,) explicit DAQ order map (block-scope ABMP), or None.
     """
 
@@ -114,6 +115,10 @@ class QuantMethod:
 
     def check_statistics(self, n_cols: int, cross_moment: torch.Tensor | None, inputs: torch.Tensor | None):
         """Raise `QuantInputError` when a statistic this method needs is missing or misshapen."""
+
+    def input_rows(self, spec: QuantSpec) -> int:
+        """How many raw calibration input rows of each Linear a `needs_inputs` method reads."""
+        raise NotImplementedError(f"quant.method={self.name!r} reads no raw calibration inputs")
 
     def compensation(self, spec: QuantSpec) -> str:
         """The cross-group compensation mode that runs: off | diag | exact."""
@@ -258,11 +263,10 @@ class SliM(_ColumnWise):
         check_field(not spec.static_groups, spec, "static_groups", "SliM-LLM fits each group when it starts")
 
     def check_statistics(self, n_cols: int, cross_moment: torch.Tensor | None, inputs: torch.Tensor | None):
-        if inputs is None or inputs.dim() != 2 or inputs.shape[1] != n_cols:
-            raise QuantInputError(
-                f"quant.method='slim' needs inputs (n, {n_cols}): calibration inputs of this Linear "
-                "for the KL choice of the bit allocation; the pipeline supplies them"
-            )
+        _check_inputs(self.name, n_cols, inputs, "for the KL choice of the bit allocation")
+
+    def input_rows(self, spec: QuantSpec) -> int:
+        return spec.slim_kl_tokens
 
     def quantize(self, problem: LinearProblem, spec: QuantSpec) -> MethodOutput:
         w, s, gsize = problem.weight, problem.hessian, problem.group_size
@@ -341,6 +345,65 @@ class DAQ(QuantMethod):
 
     def storage_bits(self, rows: int, widths: list[int], orders: list[int], spec: QuantSpec) -> int:
         return accounting.daq_bits(rows, widths, orders, spec.scale_bits, spec.row_center)
+
+
+class AWQ(QuantMethod):
+    """``awq`` (Lin et al. 2024): per-input-channel scales s = mean|x|^alpha searched on the Linear's
+    output error, AWQ's clipping search, min-max RTN of W diag(s); s is kept as an input scale of
+    the Linear (W_hat = Q(W diag(s)) diag(s)^-1), one s per Linear (not shared by the Linears that
+    read the same input: nothing is folded into the preceding norm)."""
+
+    name = "awq"
+    needs_inputs = True
+    pack_kind = "uniform"
+
+    def validate(self, spec: QuantSpec) -> None:
+        check_field(
+            spec.compensation in ("auto", "off"),
+            spec,
+            "compensation",
+            "AWQ quantizes every group by itself (its searches score the plain grid); "
+            "leave quant.compensation=auto",
+        )
+
+    def check_statistics(self, n_cols: int, cross_moment: torch.Tensor | None, inputs: torch.Tensor | None):
+        _check_inputs(self.name, n_cols, inputs, "for the activation scale mean |x|")
+
+    def input_rows(self, spec: QuantSpec) -> int:
+        return spec.awq_max_rows
+
+    def quantize(self, problem: LinearProblem, spec: QuantSpec) -> MethodOutput:
+        out = awq_quantize(
+            problem.weight,
+            problem.inputs,
+            problem.hessian,
+            problem.group_size,
+            spec.bits,
+            spec.sym,
+            spec.torch_scale_dtype,
+            spec.awq_alpha_grid,
+            clip_ratios(spec.awq_clip_grid, spec.awq_clip_max_shrink),
+        )
+        orders = torch.full((len(problem.slices),), spec.bits, dtype=torch.int64)
+        state = {
+            "params": out.params,
+            "sym": spec.sym,
+            "input_scale": out.input_scale,
+            "scaled_weight": out.scaled_weight,  # the packed codes store Q(W diag(s))
+        }
+        return MethodOutput(out.weight, orders, problem.widths, state=state)
+
+    def storage_bits(self, rows: int, widths: list[int], orders: list[int], spec: QuantSpec) -> int:
+        grids = accounting.uniform_bits(rows, widths, orders, spec.sym, spec.scale_bits)
+        return grids + accounting.input_scale_bits(sum(widths), spec.scale_bits)
+
+
+def _check_inputs(name: str, n_cols: int, inputs: torch.Tensor | None, purpose: str) -> None:
+    if inputs is None or inputs.dim() != 2 or inputs.shape[1] != n_cols or inputs.shape[0] == 0:
+        raise QuantInputError(
+            f"quant.method={name!r} needs inputs (n, {n_cols}), n >= 1: calibration inputs of this Linear "
+            f"{purpose}; the pipeline supplies them"
+        )
 
 
 def daq_orders(
@@ -424,7 +487,7 @@ def _select(code: BinaryCode, pos: int) -> BinaryCode:
 
 
 METHODS: dict[str, QuantMethod] = {
-    method.name: method for method in (Identity(), RoundToNearest(), GPTQ(), GPTAQ(), SliM(), DAQ())
+    method.name: method for method in (Identity(), RoundToNearest(), GPTQ(), GPTAQ(), SliM(), DAQ(), AWQ())
 }
 
 

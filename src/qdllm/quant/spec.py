@@ -27,6 +27,10 @@ ABMP_SCOPES = ("matrix", "block")
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Every knob of `quantize_weight`; `method` names a `qdllm.quant.methods.QuantMethod`.
@@ -50,6 +54,12 @@ class QuantSpec:
     # slim (SliM-LLM): weight of salient elements in SQC; calibration tokens for the KL choice of k
     slim_lambda: float = 1.0
     slim_kl_tokens: int = 2048
+    # awq (Lin et al. 2024): alpha grid size, clipping grid and its largest shrink, raw input rows
+    # read for the activation scale mean |x|
+    awq_alpha_grid: int = 20
+    awq_clip_grid: int = 20
+    awq_clip_max_shrink: float = 0.5
+    awq_max_rows: int = 8192
     # daq (paper eq. 3-10, Alg. 2); order K = bits
     order: int | None = None
     lam: float = 2.0
@@ -129,6 +139,14 @@ class QuantSpec:
         need(self.gptaq_alpha >= 0, "gptaq_alpha", "must be >= 0 (0 turns GPTAQ into GPTQ)")
         need(self.slim_lambda > 0, "slim_lambda", "must be > 0")
         need(self.slim_kl_tokens >= 1, "slim_kl_tokens", "must be >= 1")
+        for name in ("awq_alpha_grid", "awq_clip_grid", "awq_max_rows"):
+            value = getattr(self, name)
+            need(_is_int(value) and value >= 1, name, "must be an int >= 1")
+        need(
+            isinstance(self.awq_clip_max_shrink, (int, float)) and 0.0 <= self.awq_clip_max_shrink < 1.0,
+            "awq_clip_max_shrink",
+            "must lie in [0, 1) (0 turns the clipping search off; AWQ uses 0.5)",
+        )
         need(self.lam >= 1.0, "lam", "the outlier weight lambda must be >= 1 (1 disables DOR)")
         need(isinstance(self.iters, int) and self.iters >= 0, "iters", "must be an int >= 0")
         need(self.z_mode in Z_MODES, "z_mode", f"must be one of {Z_MODES}")
