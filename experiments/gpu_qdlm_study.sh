@@ -2,8 +2,10 @@
 # The QDLM study's grid on smol_dllm on one GPU (conf/experiment/smol_qdlm.yaml), JOBS rows at a time,
 # after experiments/stage_smol_dllm.sh host1 and host2 in the same lease (the base GGUF and the
 # wheels the GPU host lacks). One job folder per row under $SWEEP; a rerun skips finished rows.
-#   bash experiments/gpu_qdlm_study.sh run       # the grid, then the FP generation probe
-#   bash experiments/gpu_qdlm_study.sh collect   # results.json + lm_eval_results.json -> $OUT
+#   bash experiments/gpu_qdlm_study.sh run       # the grid and the FP generation probe; each finished
+#                                                # row's records are appended to $OUT/qdlm_runs.tar at once
+#                                                # (a call cut short keeps what finished)
+#   bash experiments/gpu_qdlm_study.sh collect   # every row's records -> $OUT/qdlm_runs.tgz
 set -uo pipefail
 . experiments/stage_smol_dllm.sh env
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
@@ -34,15 +36,18 @@ run_row() {
   python3 run.py experiment=smol_qdlm $overrides "model.base_path=$SMOL_GGUF" \
     "hydra.run.dir=$SWEEP/$name" > "$SWEEP/$name.log" 2>&1
   echo "$name exit $?"
+  # one writer at a time: parallel rows append to the same archive
+  flock /tmp/qdlm_runs.lock tar rf "$OUT/qdlm_runs.tar" "$SWEEP/$name.log" \
+    $(find "$SWEEP/$name" -maxdepth 1 -name results.json -o -maxdepth 1 -name lm_eval_results.json) || true
 }
 export -f run_row
-export SWEEP SMOL_GGUF
+export SWEEP SMOL_GGUF OUT
 
 case "${1:-}" in
   run)
     mkdir -p "$SWEEP"
     start=$(date +%s)
-    printf '%s\n' "$ROWS" "$PROBE" | timeout "$TIMEOUT" xargs -P "$JOBS" -I{} bash -c 'run_row "$@"' _ {}
+    printf '%s\n' "$ROWS" "$PROBE" | timeout "$TIMEOUT" xargs -P "$JOBS" -I{} bash -c 'run_row "$@"' _ {} || true
     echo "grid wall seconds $(( $(date +%s) - start ))" | tee "$SWEEP/wall.txt" ;;
   collect)
     tar czf "$OUT/qdlm_runs.tgz" $(find "$SWEEP" -name results.json -o -name lm_eval_results.json \
