@@ -28,7 +28,7 @@ duquant_w8a8|quant=duquant
 duquant_w4a4|quant=duquant quant.bits=4 act=a4 act.clip=0.9
 daq_w2|quant=daq quant.bits=2"
 # can the small model score above zero on math and code? FP only, a few documents each
-PROBE="fp_generation|quant=none eval.tasks=[gsm8k,humaneval,mbpp] eval.limit=20 eval.num_fewshot={gsm8k:4} eval.confirm_run_unsafe_code=true eval.gen.gen_length=128 eval.gen.steps=64 eval.gen.block_length=32"
+PROBE="fp_generation|quant=none eval.tasks=[gsm8k,humaneval,mbpp] eval.limit=20 +eval.num_fewshot.gsm8k=4 eval.confirm_run_unsafe_code=true eval.gen.gen_length=128 eval.gen.steps=64 eval.gen.block_length=32"
 
 run_row() {
   local name=${1%%|*} overrides=${1#*|}
