@@ -181,18 +181,20 @@ class RoundToNearest(QuantMethod):
         return accounting.uniform_bits(rows, widths, orders, spec.sym, spec.scale_bits)
 
 
+def _refuse_compensation(spec: QuantSpec, reason: str) -> None:
+    """Methods with no cross-group compensation of their own choosing accept only auto / off."""
+    check_field(
+        spec.compensation in ("auto", "off"), spec, "compensation", f"{reason}; leave quant.compensation=auto"
+    )
+
+
 class _ColumnWise(QuantMethod):
     """GPTQ-style methods: OBQ updates column by column are their compensation, built in."""
 
     pack_kind = "uniform"
 
     def validate(self, spec: QuantSpec) -> None:
-        check_field(
-            spec.compensation in ("auto", "off"),
-            spec,
-            "compensation",
-            f"{self.name} compensates column by column by construction; leave quant.compensation=auto",
-        )
+        _refuse_compensation(spec, f"{self.name} compensates column by column by construction")
 
 
 class GPTQ(_ColumnWise):
@@ -358,13 +360,7 @@ class AWQ(QuantMethod):
     pack_kind = "uniform"
 
     def validate(self, spec: QuantSpec) -> None:
-        check_field(
-            spec.compensation in ("auto", "off"),
-            spec,
-            "compensation",
-            "AWQ quantizes every group by itself (its searches score the plain grid); "
-            "leave quant.compensation=auto",
-        )
+        _refuse_compensation(spec, "AWQ quantizes every group by itself (its searches score the plain grid)")
 
     def check_statistics(self, n_cols: int, cross_moment: torch.Tensor | None, inputs: torch.Tensor | None):
         _check_inputs(self.name, n_cols, inputs, "for the activation scale mean |x|")
