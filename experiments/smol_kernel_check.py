@@ -1,7 +1,8 @@
 """The GPU kernels against the reference path on a real packed model: smol_dllm quantized to 2 bits
 (DAQ K=2 -> the BCQ kernels; GPTQ 2-bit -> the uniform kernels), saved packed, loaded back with
 `qdllm.load_quantized(..., device="cuda")` twice: once with every `QuantizedLinear` on the kernels
-(the default on CUDA) and once on the reference path (`kernel=False`: unpack, then `F.linear`).
+(the default on CUDA) and once on the reference path (`kernel=False`: unpack, then `F.linear`; the
+unpacked weight is kept, `cache=True`, since unpacking on every forward is too slow to score PIQA).
 Same prompts, same masks, same PIQA documents: the logits, the generated text and the PIQA accuracy
 should agree within the kernels' bf16 rounding.
 
@@ -56,9 +57,10 @@ def eval_config(limit: int, out_dir: Path):
 
 
 def set_kernels(dllm, enabled: bool) -> int:
+    """Every QuantizedLinear on the kernels, or on the reference path with its unpacked weight kept."""
     layers = [m for m in dllm.model.modules() if isinstance(m, QuantizedLinear)]
     for layer in layers:
-        layer.kernel = enabled
+        layer.kernel, layer.cache = enabled, not enabled
     return len(layers)
 
 
