@@ -39,7 +39,6 @@ def _sweep(sweep_dir):
         "-m", *TINY, f"abmp.ratio={','.join(RATIOS)}", *PARALLEL, f"hydra.sweep.dir={sweep_dir}", timeout=400
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def _job_dirs(sweep_dir):
@@ -51,17 +50,17 @@ def _job_dirs(sweep_dir):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """The tiny sweep launched twice into one sweep dir: (dir, first records, second run's output)."""
+    """The tiny sweep launched twice into one sweep dir: (dir, the first launch's records)."""
     sweep_dir = tmp_path_factory.mktemp("parallel") / "sweep"
     _sweep(sweep_dir)
     first = {p.name: (p / "results.json").read_bytes() for p in _job_dirs(sweep_dir)}
-    second = _sweep(sweep_dir)
-    return sweep_dir, first, second.stdout + second.stderr
+    _sweep(sweep_dir)
+    return sweep_dir, first
 
 
 @pytest.mark.slow
 def test_parallel_launcher_writes_one_record_per_job_in_hydras_layout(sweep):
-    sweep_dir, first, _ = sweep
+    sweep_dir, first = sweep
     dirs = _job_dirs(sweep_dir)
     assert [int(p.name.split("_", 1)[0]) for p in dirs] == [0, 1, 2, 3]
     for num, (path, ratio) in enumerate(zip(dirs, RATIOS)):
@@ -78,7 +77,7 @@ def test_parallel_launcher_writes_one_record_per_job_in_hydras_layout(sweep):
 
 @pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_others_finish(sweep):
-    _, first, _ = sweep
+    _, first = sweep
     records = {name.split("_", 1)[1].split(",", 1)[0]: json.loads(raw) for name, raw in first.items()}
     failed = records.pop(f"abmp.ratio={BAD}")
     assert failed["status"] == "failed" and "abmp.ratio" in failed["error"]
@@ -91,8 +90,8 @@ def test_a_failing_job_is_recorded_and_the_others_finish(sweep):
 
 @pytest.mark.slow
 def test_a_second_launch_into_the_sweep_dir_skips_finished_jobs(sweep):
-    sweep_dir, first, output = sweep
-    assert output.count("already holds a finished run") == len(RATIOS) - 1
+    # the records, not the log, tell: Ray de-duplicates identical log lines of its workers
+    sweep_dir, first = sweep
     for path in _job_dirs(sweep_dir):
         now = (path / "results.json").read_bytes()
         if json.loads(first[path.name])["status"] == "ok":
