@@ -64,12 +64,12 @@ GAIN_RTOL = 1e-9  # a block whose largest and smallest variance agree to this is
 @dataclass
 class DuQuantSpec:
     """Knobs of `apply_duquant` (study defaults: QDLM's `--alpha 0.5 --block_size 128
-    --max_rotation_step 256 --lac 0.9 --swc 0.8`, permutation_times 1).
+    --max_rotation_step 256`, permutation_times 1; its activation clip `--lac 0.9` is `act.clip`, its
+    weight clip `--swc 0.8` is not implemented).
 
     alpha: smoothing migration strength; smooth: apply smoothing at all; block_size: rotation blocks;
     steps: greedy rotation steps per block (upper limit); permute: zigzag permutation and second
-    rotation; act_clip / weight_clip: clip ratios for the activation / weight quantizers (carried);
-    min_scale: floor of the activation and weight maxima in the smoothing formula (dead channels).
+    rotation; min_scale: floor of the activation and weight maxima in the smoothing formula (dead channels).
     """
 
     alpha: float = 0.5
@@ -77,8 +77,6 @@ class DuQuantSpec:
     block_size: int = 128
     steps: int = 256
     permute: bool = True
-    act_clip: float = 0.9
-    weight_clip: float = 0.8
     min_scale: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -93,9 +91,6 @@ class DuQuantSpec:
             )
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise TransformError(f"duquant.steps={self.steps!r}: must be an integer >= 0 (study: 256)")
-        for name in ("act_clip", "weight_clip"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise TransformError(f"duquant.{name}={getattr(self, name)}: must lie in (0, 1]")
         if not self.min_scale > 0.0:
             raise TransformError(f"duquant.min_scale={self.min_scale}: must be > 0")
 
