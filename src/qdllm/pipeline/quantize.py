@@ -128,7 +128,7 @@ class HiddenCache:
         return (self[i] for i in range(len(self)))
 
 
-def _clock(device: torch.device) -> float:
+def device_clock(device: torch.device) -> float:
     """Wall clock after the device finished queued work, so stage timings are attributed right."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -177,11 +177,11 @@ def quantize_model(
         return report
     home = dllm.device
     device = torch.device(spec.exec_device) if spec.exec_device else home
-    _move_shared_modules(dllm, home, device)
+    move_shared_modules(dllm, home, device)
     timing: dict[str, float] = defaultdict(float)
     with contextlib.ExitStack() as caches:  # the caches are closed (disk: removed) however the run ends
-        cache = caches.enter_context(_new_cache(spec, device))
-        _embed(dllm, states, spec, cache, device, timing)
+        cache = caches.enter_context(new_cache(spec, device))
+        embed_states(dllm, states, spec, cache, device, timing)
         fp_cache = None
         if method.needs_cross_moment:
             # GPTAQ fits each Linear to the FP model's output on FP inputs: a second cache carries the
@@ -194,19 +194,19 @@ def quantize_model(
         bar = tqdm(range(len(dllm.blocks())), desc="quantize blocks", disable=not spec.progress)
         for b in bar:
             _process_block(run, b, bar)
-    _move_shared_modules(dllm, device, home)
+    move_shared_modules(dllm, device, home)
     report.timing = dict(timing)
     return report
 
 
-def _move_shared_modules(dllm: DiffusionLM, source: torch.device, target: torch.device) -> None:
+def move_shared_modules(dllm: DiffusionLM, source: torch.device, target: torch.device) -> None:
     """Embeddings, final norm and head follow the blocks to the execution device and back."""
     if source != target:
         for module in dllm.shared_modules():
             module.to(target)
 
 
-def _new_cache(spec: PipelineSpec, device: torch.device) -> HiddenCache:
+def new_cache(spec: PipelineSpec, device: torch.device) -> HiddenCache:
     return HiddenCache(
         "disk" if spec.cache_device == "disk" else "memory",
         device if spec.cache_device == "model" else torch.device("cpu"),
@@ -214,7 +214,7 @@ def _new_cache(spec: PipelineSpec, device: torch.device) -> HiddenCache:
     )
 
 
-def _embed(
+def embed_states(
     dllm: DiffusionLM,
     states: torch.Tensor,
     spec: PipelineSpec,
@@ -223,10 +223,10 @@ def _embed(
     timing: dict[str, float],
 ) -> None:
     """The embedded calibration states (M, L, d), chunk by chunk, into `cache`."""
-    start = _clock(device)
+    start = device_clock(device)
     for i, batch in enumerate(states.split(spec.batch_size)):
         cache[i] = dllm.embed(batch.to(device)).to(cache.device)
-    timing["embed"] += _clock(device) - start
+    timing["embed"] += device_clock(device) - start
 
 
 def _open_checkpoint_dir(
@@ -295,12 +295,12 @@ def _quantize_stage(
 ) -> None:
     """Statistics of the stage's shared input, then every Linear of the stage, written back."""
     modules = [block.get_submodule(n) for n in stage.linears]
-    t0 = _clock(run.device)
+    t0 = device_clock(run.device)
     s, cross, sample = _stage_statistics(run, block, fp_block, stage, modules[0])
-    run.timing[f"stats/{stage.name}"] += _clock(run.device) - t0
+    run.timing[f"stats/{stage.name}"] += device_clock(run.device) - t0
     names = run.dllm.module_names()
     for name, module in zip(stage.linears, modules, strict=True):
-        t0 = _clock(run.device)
+        t0 = device_clock(run.device)
         result = quantize_weight(
             module.weight,
             s,
@@ -314,7 +314,7 @@ def _quantize_stage(
         if run.spec.pack:
             fmt, tensors = pack_result(result, run.quant, tuple(module.weight.shape))
             packed[names[id(module)]] = (fmt, {k: v.cpu() for k, v in tensors.items()})
-        run.timing[f"quant/{stage.name}"] += _clock(run.device) - t0
+        run.timing[f"quant/{stage.name}"] += device_clock(run.device) - t0
         rows.append(_row(b, stage.name, name, module, result))
 
 
@@ -344,13 +344,13 @@ def _stage_statistics(run: _Run, block, fp_block, stage, first) -> tuple:
 
 def _propagate(run: _Run, block, fp_block) -> None:
     """Overwrite the caches with the block's outputs: the quantized block, and the FP one."""
-    t0 = _clock(run.device)
+    t0 = device_clock(run.device)
     for i, chunk in enumerate(run.cache):
         run.cache[i] = run.dllm.block_forward(block, chunk.to(run.device)).to(run.cache.device)
     if fp_block is not None:
         for i, chunk in enumerate(run.fp_cache):
             run.fp_cache[i] = run.dllm.block_forward(fp_block, chunk.to(run.device)).to(run.fp_cache.device)
-    run.timing["propagate"] += _clock(run.device) - t0
+    run.timing["propagate"] += device_clock(run.device) - t0
 
 
 def _block_orders(dllm, block, chunks, quant: QuantSpec, device, run_block) -> dict[str, torch.Tensor]:

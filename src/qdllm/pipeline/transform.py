@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from qdllm.models.base import DiffusionLM
-from qdllm.pipeline.quantize import PipelineSpec, _clock, _embed, _move_shared_modules, _new_cache
+from qdllm.pipeline.quantize import PipelineSpec, device_clock, embed_states, move_shared_modules, new_cache
 from qdllm.transforms import TransformSpec, get_transform
 
 
@@ -39,10 +39,10 @@ def activation_absmax(
     names = dllm.module_names()
     absmax: dict[str, torch.Tensor] = {}
     timing: dict[str, float] = {"embed": 0.0}
-    _move_shared_modules(dllm, home, device)
+    move_shared_modules(dllm, home, device)
     with contextlib.ExitStack() as stack:
-        cache = stack.enter_context(_new_cache(spec, device))
-        _embed(dllm, states, spec, cache, device, timing)
+        cache = stack.enter_context(new_cache(spec, device))
+        embed_states(dllm, states, spec, cache, device, timing)
         for block in dllm.blocks():
             if device != home:
                 block.to(device)
@@ -62,7 +62,7 @@ def activation_absmax(
             for stage, peak in zip(dllm.stages, maxima, strict=True):
                 for name in stage.linears:
                     absmax[names[id(block.get_submodule(name))]] = peak.to(home)
-    _move_shared_modules(dllm, device, home)
+    move_shared_modules(dllm, device, home)
     return absmax
 
 
@@ -83,11 +83,11 @@ def transform_model(
     if not transform.enabled:
         return {}
     entry = get_transform(transform.name)
-    start = _clock(dllm.device)
+    start = device_clock(dllm.device)
     if entry.needs_act_absmax:
         if states is None:
             raise ValueError(f"quant.transform.name={transform.name!r} needs calibration states")
         report = entry.apply(dllm, transform, activation_absmax(dllm, states, spec))
     else:
         report = entry.apply(dllm, transform)
-    return {"name": transform.name, **(report or {}), "seconds": _clock(dllm.device) - start}
+    return {"name": transform.name, **(report or {}), "seconds": device_clock(dllm.device) - start}
