@@ -1,12 +1,12 @@
-"""Packed-Linear matmul speed on one GPU: bf16 cuBLAS vs the packed kernels (fused, blocked
-dequantize + cuBLAS, and what `QuantizedLinear` dispatches) vs the reference path, on LLaDA-8B's
+"""Packed-Linear matmul speed on one GPU: bf16 cuBLAS vs the packed kernels (CUDA-core gemv, fused,
+blocked dequantize + cuBLAS, and what `QuantizedLinear` dispatches) vs the reference path, on LLaDA-8B's
 Linear shapes and M tokens per forward.
 
 Each timing replays a CUDA graph of one call on each of several rotated weight copies (together
 over 4x the L2, so no call finds its weight in cache) and reports the median time per call over the
 replays. Weights are random (the format is bits: random sign / code words are valid), x ~ N(0, 1).
 
-    python experiments/bench_packed.py --out $OUT/bench_packed.json [--tune]
+    python experiments/bench_packed.py --out $OUT/bench_packed.json [--tune gemv fused blocked] [--profile]
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from qdllm.kernels import FUSED_MAX_TOKENS, FusedConfig, PackedMatmul
+from qdllm.kernels import FUSED_MAX_TOKENS, GEMV_MAX_TOKENS, FusedConfig, GemvConfig, PackedMatmul
 from qdllm.kernels.dispatch import SCRATCH_BYTES
 from qdllm.packing.format import ModuleFormat
 from qdllm.packing.module import QuantizedLinear
 
 SHAPES = [(4096, 4096), (12288, 4096), (4096, 12288)]  # (out, in): attention / FFN up, gate / FFN down
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
+GEMV_TIMED_TOKENS = 16  # the CUDA-core kernel is timed up to here (it slows with every token)
 GROUP = 128
 BLOCK_MIB = (16, 32, 64)  # blocked path: rows dequantized per block (the default is SCRATCH_BYTES)
 PROFILE_TOKENS = (1, 16, 1024)
@@ -138,6 +139,10 @@ def bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x @ weight.t()
 
 
+def gemv(x: torch.Tensor, config: GemvConfig | None, plan: PackedMatmul) -> torch.Tensor:
+    return plan.gemv(x, config)
+
+
 def fused(x: torch.Tensor, config: FusedConfig | None, plan: PackedMatmul) -> torch.Tensor:
     return plan.fused(x, config)
 
@@ -157,6 +162,9 @@ def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> 
             x = torch.randn(tokens, cols, generator=gen).bfloat16().cuda()
             row = {"shape": [rows, cols], "kind": kind, "tokens": tokens, "packed_bytes": packed_bytes}
             row["bf16_us"] = graph_time_us([partial(bf16_matmul, x, w) for w in bf16])
+            if tokens <= GEMV_TIMED_TOKENS and plans[0].gemv_supported():
+                row["gemv_us"] = graph_time_us([partial(gemv, x, None, p) for p in plans])
+                row["gemv_GBps"] = packed_bytes / row["gemv_us"] / 1e3
             if tokens <= 256:
                 row["fused_us"] = graph_time_us([partial(fused, x, None, p) for p in plans])
             for mib in BLOCK_MIB:
@@ -165,7 +173,7 @@ def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> 
             row["blocked_us"] = row[f"blocked_{SCRATCH_BYTES // 2**20}mib_us"]
             if "fused_us" in row:  # packed GB read per second: distance to the memory floor
                 row["fused_GBps"] = packed_bytes / row["fused_us"] / 1e3
-            row["dispatch"] = "fused" if tokens <= FUSED_MAX_TOKENS[plans[0].kind] else "blocked"
+            row["dispatch"] = dispatched_path(plans[0], tokens)
             row["packed_us"] = row[f"{row['dispatch']}_us"]
             row["speedup_vs_bf16"] = row["bf16_us"] / row["packed_us"]
             if reference and tokens == 1:
@@ -175,6 +183,29 @@ def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> 
             results.append(row)
             print(json.dumps(row), flush=True)
     return results
+
+
+def dispatched_path(plan: PackedMatmul, tokens: int) -> str:
+    """The path `PackedMatmul.__call__` takes for `tokens`."""
+    if tokens <= GEMV_MAX_TOKENS[plan.kind] and plan.gemv_supported():
+        return "gemv"
+    return "fused" if tokens <= FUSED_MAX_TOKENS[plan.kind] else "blocked"
+
+
+def tune_gemv(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> list[dict]:
+    """CUDA-core launch shapes: rows per program, programs ~ fill x processors (0: no split), warps."""
+    processors = torch.cuda.get_device_properties(0).multi_processor_count
+    x = torch.randn(tokens, plans[0].cols, generator=gen).bfloat16().cuda()
+    out = []
+    for block_rows in (8, 16, 32, 64):
+        tiles = -(-plans[0].rows // block_rows)
+        for fill in (0, 4, 8):
+            splits = 1 if fill == 0 else min(plans[0].groups, max(1, -(-fill * processors // tiles)))
+            for warps in (2, 4, 8):
+                config = GemvConfig(block_rows, -(-plans[0].groups // splits), warps)
+                us = graph_time_us([partial(gemv, x, config, p) for p in plans], replays=7)
+                out.append({"path": "gemv", "tokens": tokens, "config": config.__dict__, "us": us})
+    return out
 
 
 def tune_fused(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> list[dict]:
@@ -189,7 +220,7 @@ def tune_fused(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> 
             for warps in (4, 8):
                 config = FusedConfig(block_rows, 16, -(-plans[0].groups // splits), warps)
                 us = graph_time_us([partial(fused, x, config, p) for p in plans], replays=7)
-                out.append({"tokens": tokens, "config": config.__dict__, "us": us})
+                out.append({"path": "fused", "tokens": tokens, "config": config.__dict__, "us": us})
     return out
 
 
@@ -198,19 +229,22 @@ def tune_blocked(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -
     out = []
     for block_mib in (4, 16, 64, 1024):
         us = graph_time_us([partial(blocked, x, block_mib * 2**20, p) for p in plans], replays=7)
-        out.append({"tokens": tokens, "block_mib": block_mib, "us": us})
+        out.append({"path": "blocked", "tokens": tokens, "block_mib": block_mib, "us": us})
     return out
 
 
-def tune(gen: torch.Generator) -> list[dict]:
-    """Fused launch shapes at 1 and 16 tokens, the blocked path's block size at many tokens."""
+TUNED_TOKENS = {"gemv": (1, 4), "fused": (1, 16), "blocked": (256, 1024, 4096)}
+
+
+def tune(gen: torch.Generator, paths: list[str]) -> list[dict]:
+    """Launch shapes of the CUDA-core and fused kernels at few tokens, the blocked path's block size
+    at many."""
+    sweepers = {"gemv": tune_gemv, "fused": tune_fused, "blocked": tune_blocked}
     out = []
     for rows, cols in SHAPES:
         for kind, make in layer_kinds(rows, cols, gen).items():
             plans, _ = rotated_plans(kind, make)
-            sweeps = [tune_fused(plans, t, gen) for t in (1, 16)] + [
-                tune_blocked(plans, t, gen) for t in (256, 1024, 4096)
-            ]
+            sweeps = [sweepers[path](plans, t, gen) for path in paths for t in TUNED_TOKENS[path]]
             for sweep in sweeps:
                 sweep = [{"shape": [rows, cols], "kind": kind, **r} for r in sweep]
                 print("tune best", json.dumps(min(sweep, key=lambda r: r["us"])), flush=True)
@@ -252,13 +286,13 @@ def profile(gen: torch.Generator) -> list[dict]:
 def table(results: list[dict]) -> str:
     blocked_cols = [f"blocked_{mib}mib_us" for mib in BLOCK_MIB]
     head = (
-        "| out x in | format | M | bf16 us | fused us | "
+        "| out x in | format | M | bf16 us | gemv us | fused us | "
         + " | ".join(f"blocked {mib} MiB us" for mib in BLOCK_MIB)
         + " | dispatch | vs bf16 | reference us |"
     )
-    lines = [head, "|---" * (8 + len(BLOCK_MIB)) + "|"]
+    lines = [head, "|---" * (9 + len(BLOCK_MIB)) + "|"]
     for r in results:
-        cells = [f"{r[k]:.1f}" if k in r else "" for k in ("bf16_us", "fused_us", *blocked_cols)]
+        cells = [f"{r[k]:.1f}" if k in r else "" for k in ("bf16_us", "gemv_us", "fused_us", *blocked_cols)]
         ref = f"{r['reference_us']:.0f}" if "reference_us" in r else ""
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {r['kind']} | {r['tokens']} | {' | '.join(cells)} | "
@@ -270,7 +304,10 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="experiments/results/bench_packed_h200.json")
-    ap.add_argument("--tune", action="store_true", help="also sweep launch shapes and block sizes")
+    ap.add_argument(
+        "--tune", nargs="*", choices=sorted(TUNED_TOKENS),
+        help="also sweep these paths' launch shapes (gemv, fused) or block sizes (blocked); no names: all",
+    )  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="CUDA time per kernel (torch.profiler)")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) reference path")
     args = ap.parse_args()
@@ -279,14 +316,15 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
+        "gemv_max_tokens": GEMV_MAX_TOKENS,
         "fused_max_tokens": FUSED_MAX_TOKENS,
         "scratch_bytes": SCRATCH_BYTES,
         "group_size": GROUP,
         "ceilings": ceilings(),
     }
     print(json.dumps(report), flush=True)
-    if args.tune:
-        report["tune"] = tune(gen)
+    if args.tune is not None:
+        report["tune"] = tune(gen, args.tune or sorted(TUNED_TOKENS))
         Path(args.out).write_text(json.dumps(report, indent=1))
     if args.profile:
         report["profile"] = profile(gen)

@@ -13,6 +13,7 @@ JOBS=${JOBS:-5}
 SWEEP=${SWEEP:-.host/qdlm}
 OUT=${OUT:-/tmp/out}
 TIMEOUT=${TIMEOUT:-500}
+ONLY=${ONLY:-}   # space-separated row names to run (e.g. the ones a cut-short call left); empty: all
 # name | overrides (the study's settings: W4A4 clips activations at 0.9 for the rotations, as its code)
 ROWS="fp|quant=none
 gptq_w4a16|quant=gptq quant.bits=4
@@ -47,7 +48,8 @@ case "${1:-}" in
   run)
     mkdir -p "$SWEEP"
     start=$(date +%s)
-    printf '%s\n' "$ROWS" "$PROBE" | timeout "$TIMEOUT" xargs -P "$JOBS" -I{} bash -c 'run_row "$@"' _ {} || true
+    printf '%s\n' "$ROWS" "$PROBE" | awk -F'|' -v only=" $ONLY " 'only == "  " || index(only, " " $1 " ")' \
+      | timeout "$TIMEOUT" xargs -P "$JOBS" -I{} bash -c 'run_row "$@"' _ {} || true
     echo "grid wall seconds $(( $(date +%s) - start ))" | tee "$SWEEP/wall.txt" ;;
   collect)
     tar czf "$OUT/qdlm_runs.tgz" $(find "$SWEEP" -name results.json -o -name lm_eval_results.json \

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qdllm.kernels import FusedConfig, PackedMatmul
-from qdllm.kernels.dispatch import fused_config, scratch
+from qdllm.kernels import FusedConfig, GemvConfig, PackedMatmul
+from qdllm.kernels.dispatch import fused_config, gemv_config, scratch
 from qdllm.kernels.layout import bcq_layout, padded_group, uniform_layout
 from qdllm.packing.bits import unpack_bits
 from qdllm.packing.format import ModuleFormat
@@ -103,6 +103,35 @@ def test_fused_matmul_matches_the_float64_product(layer, device, tokens):
         y = plan.fused(x, config)
         assert y.dtype == x.dtype and y.shape == exact.shape
         assert relative_error(y.cpu(), exact) < BF16_RTOL, config
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("tokens", [1, 3, 4])
+def test_gemv_matches_the_float64_product(layer, device, tokens):
+    kind, tensors, group_size, sym, reference = layer
+    plan = PackedMatmul(to_device(tensors, device), kind, group_size, sym)
+    x = inputs(tokens, reference.shape[1], device, seed=tokens)
+    if not plan.gemv_supported():  # act-order, mixed or 3-bit codes: refused by name, never misread
+        with pytest.raises(ValueError, match="uniform_matmul"):
+            plan.gemv(x)
+        return
+    exact = x.double().cpu() @ reference.double().T
+    for config in (None, GemvConfig(4, plan.groups), GemvConfig(16, 1, num_warps=2)):  # no split / 1 each
+        y = plan.gemv(x, config)
+        assert y.dtype == x.dtype and y.shape == exact.shape
+        assert relative_error(y.cpu(), exact) < BF16_RTOL, config
+
+
+def test_gemv_reads_every_bcq_layer_and_word_packed_uniform_ones_only():
+    kinds = {case_id(("bcq", c)): True for c in bcq_cases()}
+    for case in uniform_cases():
+        rows, cols, group_size, bits, binary, sym, act_order = case
+        same = len(set(bits)) == 1 and 32 % bits[0] == 0 and group_size * bits[0] % 32 == 0
+        kinds[case_id(("uniform", case))] = same and not act_order
+    for kind, case in CASES:
+        layer = bcq_layer(*case) if kind == "bcq" else uniform_layer(*case)
+        plan = PackedMatmul(layer[1], kind, layer[2], layer[3])
+        assert plan.gemv_supported() == kinds[case_id((kind, case))], case_id((kind, case))
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -210,6 +239,12 @@ def test_launch_shapes_fill_the_gpu_and_cover_every_group():
         assert (splits - 1) * config.groups_per_program < groups <= splits * config.groups_per_program
         assert programs * splits >= min(4 * 132, programs * groups) and config.block_tokens >= min(tokens, 16)
     assert padded_group(128) == 128 and padded_group(16) == 32 and padded_group(96) == 128
+    for rows, groups, tokens in [(4096, 32, 1), (4096, 96, 4), (12288, 32, 3), (7, 3, 1)]:
+        config = gemv_config(rows, groups, tokens, processors=132)
+        splits = -(-groups // config.groups_per_program)
+        tokens_padded = 1 << (tokens - 1).bit_length()
+        assert config.block_rows * tokens_padded <= 32 and config.block_rows >= 4
+        assert -(-rows // config.block_rows) * splits >= min(4 * 132, -(-rows // config.block_rows) * groups)
 
 
 def test_scratch_is_one_buffer_that_grows():

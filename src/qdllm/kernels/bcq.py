@@ -13,14 +13,14 @@ import triton
 import triton.language as tl
 
 from qdllm.kernels.layout import BcqLayout, padded_group
-from qdllm.kernels.tiles import store_output_tile
+from qdllm.kernels.tiles import output_buffer, store_output_tile
 
 
 @triton.jit
-def plane_signs(signs_ptr, rows, row_mask, words_per_row, bit, BN: tl.constexpr, GSP: tl.constexpr):
-    """(BN, GSP) bf16 +-1: bits bit .. bit + GSP - 1 of the sign stream of each of `rows`
-    (bit 1 = +1); `bit` need not be word-aligned (a ragged last group's planes are not)."""
-    WG: tl.constexpr = GSP // 32
+def plane_words(signs_ptr, rows, row_mask, words_per_row, bit, WG: tl.constexpr):
+    """(BN, WG) uint32: bits bit .. bit + 32 WG - 1 of the sign stream of each of `rows`, bit j of
+    word w holding column 32 w + j; `bit` need not be word-aligned (a ragged last group's planes
+    are not)."""
     shift = (bit & 31).to(tl.uint32)
     word = (bit >> 5) + tl.arange(0, WG)
     base = signs_ptr + rows[:, None].to(tl.int64) * words_per_row + word[None, :]
@@ -28,9 +28,14 @@ def plane_signs(signs_ptr, rows, row_mask, words_per_row, bit, BN: tl.constexpr,
     hi_mask = row_mask[:, None] & (word + 1 < words_per_row)[None, :] & (shift != 0)
     hi = tl.load(base + 1, mask=hi_mask, other=0)
     # a funnel shift; hi is 0 when shift is 0, where `32 - shift` would overflow the shift
-    chunk = (lo.to(tl.uint32, bitcast=True) >> shift) | (
-        hi.to(tl.uint32, bitcast=True) << ((32 - shift) & 31)
-    )
+    return (lo.to(tl.uint32, bitcast=True) >> shift) | (hi.to(tl.uint32, bitcast=True) << ((32 - shift) & 31))
+
+
+@triton.jit
+def plane_signs(signs_ptr, rows, row_mask, words_per_row, bit, BN: tl.constexpr, GSP: tl.constexpr):
+    """(BN, GSP) bf16 +-1: bits bit .. bit + GSP - 1 of the sign stream of each of `rows`
+    (bit 1 = +1)."""
+    chunk = plane_words(signs_ptr, rows, row_mask, words_per_row, bit, GSP // 32)
     lane = tl.arange(0, 32).to(tl.uint32)
     sign = (chunk[:, :, None] << (31 - lane)[None, None, :]) & 0x80000000
     # sign bit 1 -> 0x3F800000 = +1.0f, 0 -> 0xBF800000 = -1.0f: two integer ops per weight bit
@@ -89,6 +94,51 @@ def _bcq_matmul_kernel(
             mu = tl.load(mean_ptr + g * R + rows, mask=row_mask, other=0.0).to(tl.float32)
             acc += mu[:, None] * tl.sum(xt, axis=0)[None, :]
     store_output_tile(out_ptr, acc, rows, row_mask, toks, tok_mask, stride_om, ATOMIC)
+
+
+@triton.jit
+def _bcq_gemv_kernel(
+    x_ptr, out_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, mean_ptr, order_ptr, plane_ptr, bit_ptr,
+    M, R, C, words_per_row, stride_xm, stride_om, groups_per_program,
+    GS: tl.constexpr, GSP: tl.constexpr, BN: tl.constexpr, MT: tl.constexpr,
+    HAS_MEAN: tl.constexpr, ATOMIC: tl.constexpr,
+):  # fmt: skip
+    """Eq. 3 on the CUDA cores for a few tokens: no +-1 operand is ever built. The weight's sign
+    bit is moved into the sign bit of c_k x (one shift and one xor per weight and plane, shared by
+    the tokens), and a_k multiplies in the accumulation; the sums over columns run once, at the end."""
+    WG: tl.constexpr = GSP // 32
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    row_mask = rows < R
+    toks = tl.arange(0, MT)
+    tok_mask = toks < M
+    lane = tl.arange(0, 32)
+    cols = tl.arange(0, WG)[:, None] * 32 + lane[None, :]  # (WG, 32): column 32 w + j is bit j of word w
+    to_sign_bit = (31 - lane).to(tl.uint32)
+    first = tl.program_id(1) * groups_per_program
+    last = tl.minimum(first + groups_per_program, tl.cdiv(C, GS))
+    acc = tl.zeros((MT, BN, WG, 32), dtype=tl.float32)
+    sums = tl.zeros((MT, BN), dtype=tl.float32)
+    for g in range(first, last):
+        width = tl.minimum(GS, C - g * GS)
+        col_mask = cols < width
+        x_ptrs = x_ptr + toks[:, None, None].to(tl.int64) * stride_xm + (g * GS + cols)[None, :, :]
+        x = tl.load(x_ptrs, mask=tok_mask[:, None, None] & col_mask[None, :, :], other=0.0).to(tl.float32)
+        order = tl.load(order_ptr + g)
+        plane = tl.load(plane_ptr + g)
+        bit = tl.load(bit_ptr + g)
+        for k in range(order):
+            words = plane_words(signs_ptr, rows, row_mask, words_per_row, bit + k * width, WG)
+            sign = (words[:, :, None] << to_sign_bit[None, None, :]) & 0x80000000  # (BN, WG, 32)
+            c = tl.load(col_scale_ptr + bit + k * width + cols, mask=col_mask, other=0.0).to(tl.float32)
+            negated = (x * c[None, :, :]).to(tl.uint32, bitcast=True) ^ 0x80000000  # -c x
+            signed = (negated[:, None, :, :] ^ sign[None, :, :, :]).to(tl.float32, bitcast=True)  # +-c x
+            a = tl.load(row_scale_ptr + (plane + k).to(tl.int64) * R + rows, mask=row_mask, other=0.0)
+            acc += signed * a.to(tl.float32)[None, :, None, None]
+        if HAS_MEAN:
+            mu = tl.load(mean_ptr + g * R + rows, mask=row_mask, other=0.0).to(tl.float32)
+            sums += tl.sum(tl.sum(x, axis=2), axis=1)[:, None] * mu[None, :]
+    y = tl.sum(tl.sum(acc, axis=3), axis=2) + sums  # (MT, BN)
+    store_output_tile(out_ptr, tl.trans(y), rows, row_mask, toks, tok_mask, stride_om, ATOMIC)
 
 
 @triton.jit
@@ -155,9 +205,7 @@ def bcq_matmul(
     rows, cols = shape
     tokens = x.shape[0]
     splits = -(-layout.order.numel() // groups_per_program)
-    atomic = splits > 1
-    out = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device) if atomic else None
-    out = out if atomic else torch.empty(tokens, rows, dtype=x.dtype, device=x.device)
+    out, atomic = output_buffer(tokens, rows, x, splits)
     mean, has_mean = _mean_or_dummy(tensors)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(tokens, block_tokens), splits)
     _bcq_matmul_kernel[grid](
@@ -165,6 +213,33 @@ def bcq_matmul(
         layout.order, layout.plane, layout.bit, tokens, rows, cols, tensors["bcq_signs"].shape[1],
         x.stride(0), out.stride(0), groups_per_program,
         GS=group_size, GSP=padded_group(group_size), BN=block_rows, BM=block_tokens,
+        HAS_MEAN=has_mean, ATOMIC=atomic, num_warps=num_warps,
+    )  # fmt: skip
+    return out.to(x.dtype) if atomic else out
+
+
+def bcq_gemv(
+    x: torch.Tensor,
+    tensors: dict,
+    shape: tuple[int, int],
+    layout: BcqLayout,
+    group_size: int,
+    block_rows: int,
+    groups_per_program: int,
+    num_warps: int,
+) -> torch.Tensor:
+    """x (M, C) -> (M, R) on the CUDA cores for a few tokens (all M in one program column)."""
+    rows, cols = shape
+    tokens = x.shape[0]
+    splits = -(-layout.order.numel() // groups_per_program)
+    out, atomic = output_buffer(tokens, rows, x, splits)
+    mean, has_mean = _mean_or_dummy(tensors)
+    grid = (triton.cdiv(rows, block_rows), splits)
+    _bcq_gemv_kernel[grid](
+        x, out, tensors["bcq_signs"], tensors["bcq_row_scale"], tensors["bcq_col_scale"], mean,
+        layout.order, layout.plane, layout.bit, tokens, rows, cols, tensors["bcq_signs"].shape[1],
+        x.stride(0), out.stride(0), groups_per_program,
+        GS=group_size, GSP=padded_group(group_size), BN=block_rows, MT=triton.next_power_of_2(tokens),
         HAS_MEAN=has_mean, ATOMIC=atomic, num_warps=num_warps,
     )  # fmt: skip
     return out.to(x.dtype) if atomic else out

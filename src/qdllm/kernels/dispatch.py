@@ -1,9 +1,10 @@
 """x W^T for a packed Linear on the GPU, chosen by tokens per forward.
 
-Few tokens (memory-bound): one fused kernel reads the packed bits and never forms W. Many tokens
-(compute-bound): W is dequantized just in time, a block of rows at a time, into two bf16 scratch
-buffers shared by every layer (the next block on a side stream while cuBLAS multiplies the current
-one). No layer keeps a dequantized copy.
+A handful of tokens: a CUDA-core kernel (`gemv`) decodes each weight once in registers and shares
+it over the tokens. Up to a few dozen (memory-bound): a fused tensor-core kernel reads the packed
+bits and never forms W. Many tokens (compute-bound): W is dequantized just in time, a block of rows
+at a time, into two bf16 scratch buffers shared by every layer (the next block on a side stream while
+cuBLAS multiplies the current one). No layer keeps a dequantized copy.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout
+from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout, word_bits
 
 # Tokens per forward up to which the fused kernel runs, per packed kind. H200, LLaDA-8B shapes
 # (experiments/results/bench_packed_h200.json): the blocked path beats the fused BCQ kernel at every
 # M from 1 on all three shapes (33 vs 38 us, 92 vs 107 us, 94 vs 107 us at M = 1), so BCQ never runs
 # fused; the fused uniform kernel wins up to 16 tokens and loses at 64.
 FUSED_MAX_TOKENS = {"bcq": 0, "uniform": 32}
+# Tokens per forward up to which the CUDA-core kernel runs (its cost grows with every token, the
+# tensor-core paths' hardly at all); uniform layouts it cannot read (act-order, mixed or 3-bit
+# codes) go to the fused kernel.
+GEMV_MAX_TOKENS = {"bcq": 4, "uniform": 4}
 # one row block of W in bf16; 64 MiB blocks beat L2-sized 16 MiB ones (fewer launches)
 SCRATCH_BYTES = 64 * 2**20
 DEQUANT_BLOCK_ROWS = 32
@@ -42,6 +47,27 @@ def fused_config(rows: int, groups: int, tokens: int, processors: int, block_row
     tiles = -(-rows // block_rows) * -(-tokens // block_tokens)
     splits = min(groups, max(1, -(-4 * processors // tiles)))
     return FusedConfig(block_rows, block_tokens, groups // splits)  # rounded down: >= `splits` programs
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of the CUDA-core kernel: `block_rows` output features per program, all tokens,
+    `groups_per_program` column groups each."""
+
+    block_rows: int
+    groups_per_program: int
+    num_warps: int = 4
+
+
+def gemv_config(
+    rows: int, groups: int, tokens: int, processors: int, programs_per_processor: int = 4
+) -> GemvConfig:
+    """Rows x tokens per program held at 32 (at least 4 rows), so the fp32 partial sums (that many
+    times the group width) stay in registers; groups split until the GPU is filled
+    `programs_per_processor` times over."""
+    block_rows = max(4, 32 // max(1, 1 << (tokens - 1).bit_length()))
+    splits = min(groups, max(1, -(-programs_per_processor * processors // -(-rows // block_rows))))
+    return GemvConfig(block_rows, groups // splits)
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
@@ -89,6 +115,25 @@ class PackedMatmul:
         from qdllm.kernels.uniform import uniform_matmul
 
         return uniform_matmul(x, self.tensors, self.shape, self.layout, self.group_size, self.sym, *launch)
+
+    def gemv_supported(self) -> bool:
+        """Whether the CUDA-core kernel reads this layer (every BCQ layer; uniform ones whose codes are
+        word-packed in stored column order)."""
+        return self.kind == "bcq" or word_bits(self.layout, self.group_size) > 0
+
+    def gemv(self, x: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+        """x (M, C) -> (M, R) on the CUDA cores, for a few tokens."""
+        if config is None:
+            processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+            config = gemv_config(self.rows, self.groups, x.shape[0], processors)
+        launch = (config.block_rows, config.groups_per_program, config.num_warps)
+        if self.kind == "bcq":
+            from qdllm.kernels.bcq import bcq_gemv
+
+            return bcq_gemv(x, self.tensors, self.shape, self.layout, self.group_size, *launch)
+        from qdllm.kernels.uniform import uniform_gemv
+
+        return uniform_gemv(x, self.tensors, self.shape, self.layout, self.group_size, self.sym, *launch)
 
     def dequantize_rows(self, out: torch.Tensor, row0: int) -> None:
         """Rows row0 .. row0 + len(out) - 1 of W into `out` (n, C)."""
@@ -151,7 +196,10 @@ class PackedMatmul:
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x (M, C) -> (M, R), by the faster path for M tokens."""
-        return self.fused(x) if x.shape[0] <= FUSED_MAX_TOKENS[self.kind] else self.blocked(x, dtype)
+        tokens = x.shape[0]
+        if tokens <= GEMV_MAX_TOKENS[self.kind] and self.gemv_supported():
+            return self.gemv(x)
+        return self.fused(x) if tokens <= FUSED_MAX_TOKENS[self.kind] else self.blocked(x, dtype)
 
 
 def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
