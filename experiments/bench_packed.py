@@ -162,7 +162,7 @@ def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> 
             x = torch.randn(tokens, cols, generator=gen).bfloat16().cuda()
             row = {"shape": [rows, cols], "kind": kind, "tokens": tokens, "packed_bytes": packed_bytes}
             row["bf16_us"] = graph_time_us([partial(bf16_matmul, x, w) for w in bf16])
-            if tokens <= GEMV_TIMED_TOKENS and plans[0].gemv_supported():
+            if tokens <= GEMV_TIMED_TOKENS and plans[0].kind == "bcq":
                 row["gemv_us"] = graph_time_us([partial(gemv, x, None, p) for p in plans])
                 row["gemv_GBps"] = packed_bytes / row["gemv_us"] / 1e3
             if tokens <= 256:
@@ -187,7 +187,7 @@ def bench_shape(rows: int, cols: int, gen: torch.Generator, reference: bool) -> 
 
 def dispatched_path(plan: PackedMatmul, tokens: int) -> str:
     """The path `PackedMatmul.__call__` takes for `tokens`."""
-    if tokens <= GEMV_MAX_TOKENS[plan.kind] and plan.gemv_supported():
+    if tokens <= GEMV_MAX_TOKENS[plan.kind]:
         return "gemv"
     return "fused" if tokens <= FUSED_MAX_TOKENS[plan.kind] else "blocked"
 
@@ -244,7 +244,8 @@ def tune(gen: torch.Generator, paths: list[str]) -> list[dict]:
     for rows, cols in SHAPES:
         for kind, make in layer_kinds(rows, cols, gen).items():
             plans, _ = rotated_plans(kind, make)
-            sweeps = [sweepers[path](plans, t, gen) for path in paths for t in TUNED_TOKENS[path]]
+            chosen = [p for p in paths if p != "gemv" or kind.startswith("bcq")]  # gemv reads BCQ only
+            sweeps = [sweepers[path](plans, t, gen) for path in chosen for t in TUNED_TOKENS[path]]
             for sweep in sweeps:
                 sweep = [{"shape": [rows, cols], "kind": kind, **r} for r in sweep]
                 print("tune best", json.dumps(min(sweep, key=lambda r: r["us"])), flush=True)

@@ -1,7 +1,7 @@
 """x W^T for a packed Linear on the GPU, chosen by tokens per forward.
 
-A handful of tokens: a CUDA-core kernel (`gemv`) decodes each weight once in registers and shares
-it over the tokens. Up to a few dozen (memory-bound): a fused tensor-core kernel reads the packed
+One token, BCQ: a CUDA-core kernel (`gemv`) moves each weight's sign bit into c x in registers. Up
+to a few dozen tokens (memory-bound), uniform formats: a fused tensor-core kernel reads the packed
 bits and never forms W. Many tokens (compute-bound): W is dequantized just in time, a block of rows
 at a time, into two bf16 scratch buffers shared by every layer (the next block on a side stream while
 cuBLAS multiplies the current one). No layer keeps a dequantized copy.
@@ -13,17 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
-from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout, word_bits
+from qdllm.kernels.layout import BcqLayout, UniformLayout, bcq_layout, uniform_layout
 
 # Tokens per forward up to which the fused kernel runs, per packed kind. H200, LLaDA-8B shapes
 # (experiments/results/bench_packed_h200.json): the blocked path beats the fused BCQ kernel at every
 # M from 1 on all three shapes (33 vs 38 us, 92 vs 107 us, 94 vs 107 us at M = 1), so BCQ never runs
 # fused; the fused uniform kernel wins up to 16 tokens and loses at 64.
 FUSED_MAX_TOKENS = {"bcq": 0, "uniform": 32}
-# Tokens per forward up to which the CUDA-core kernel runs (its cost grows with every token, the
-# tensor-core paths' hardly at all); uniform layouts it cannot read (act-order, mixed or 3-bit
-# codes) go to the fused kernel.
-GEMV_MAX_TOKENS = {"bcq": 4, "uniform": 4}
+# Tokens per forward up to which BCQ runs the CUDA-core kernel: at 1 token it beats the blocked path
+# 1.5-2x on the three shapes (22 vs 34 us, 49 vs 93, 52 vs 95); at 4 it loses (68 vs 34 us), as its
+# cost grows with every token. 2 and 3 were not measured. (A CUDA-core kernel for the uniform formats
+# was measured slower than the fused one at 1 and 4 tokens, 36 vs 19 us on 4096x4096, and dropped.)
+GEMV_MAX_TOKENS = {"bcq": 1, "uniform": 0}
 # one row block of W in bf16; 64 MiB blocks beat L2-sized 16 MiB ones (fewer launches)
 SCRATCH_BYTES = 64 * 2**20
 DEQUANT_BLOCK_ROWS = 32
@@ -116,24 +117,17 @@ class PackedMatmul:
 
         return uniform_matmul(x, self.tensors, self.shape, self.layout, self.group_size, self.sym, *launch)
 
-    def gemv_supported(self) -> bool:
-        """Whether the CUDA-core kernel reads this layer (every BCQ layer; uniform ones whose codes are
-        word-packed in stored column order)."""
-        return self.kind == "bcq" or word_bits(self.layout, self.group_size) > 0
-
     def gemv(self, x: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-        """x (M, C) -> (M, R) on the CUDA cores, for a few tokens."""
+        """x (M, C) -> (M, R) on the CUDA cores, for a few tokens (BCQ layers)."""
         if config is None:
             processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
             config = gemv_config(self.rows, self.groups, x.shape[0], processors)
+        if self.kind != "bcq":
+            raise ValueError(f"the CUDA-core kernel reads BCQ layers only, not {self.kind}: use fused()")
+        from qdllm.kernels.bcq import bcq_gemv
+
         launch = (config.block_rows, config.groups_per_program, config.num_warps)
-        if self.kind == "bcq":
-            from qdllm.kernels.bcq import bcq_gemv
-
-            return bcq_gemv(x, self.tensors, self.shape, self.layout, self.group_size, *launch)
-        from qdllm.kernels.uniform import uniform_gemv
-
-        return uniform_gemv(x, self.tensors, self.shape, self.layout, self.group_size, self.sym, *launch)
+        return bcq_gemv(x, self.tensors, self.shape, self.layout, self.group_size, *launch)
 
     def dequantize_rows(self, out: torch.Tensor, row0: int) -> None:
         """Rows row0 .. row0 + len(out) - 1 of W into `out` (n, C)."""
@@ -197,7 +191,7 @@ class PackedMatmul:
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x (M, C) -> (M, R), by the faster path for M tokens."""
         tokens = x.shape[0]
-        if tokens <= GEMV_MAX_TOKENS[self.kind] and self.gemv_supported():
+        if tokens <= GEMV_MAX_TOKENS[self.kind]:
             return self.gemv(x)
         return self.fused(x) if tokens <= FUSED_MAX_TOKENS[self.kind] else self.blocked(x, dtype)
 

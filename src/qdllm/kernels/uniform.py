@@ -139,51 +139,6 @@ def _uniform_matmul_kernel(
 
 
 @triton.jit
-def _uniform_gemv_kernel(
-    x_ptr, out_ptr, codes_ptr, scale_ptr, zero_ptr, mean_ptr, code_bits_ptr, zero_bit_ptr, mean_index_ptr,
-    M, R, C, words_per_row, stride_xm, stride_om, groups_per_program,
-    GS: tl.constexpr, GSP: tl.constexpr, BN: tl.constexpr, MT: tl.constexpr, SYM: tl.constexpr,
-    B: tl.constexpr, ATOMIC: tl.constexpr,
-):  # fmt: skip
-    """W = s' Q + t on the CUDA cores for a few tokens, every code B bits wide in word-aligned
-    groups in stored column order. A code becomes a float without a conversion instruction: OR-ing
-    it into the mantissa of 2^23 gives 2^23 + Q exactly, and one subtraction leaves Q. The weight is
-    formed once per row and column in fp32 and shared by the tokens; the column sums run at the end."""
-    PER: tl.constexpr = 32 // B
-    WG: tl.constexpr = GSP // PER
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    row_mask = rows < R
-    toks = tl.arange(0, MT)
-    tok_mask = toks < M
-    lane = tl.arange(0, PER)
-    cols = tl.arange(0, WG)[:, None] * PER + lane[None, :]  # (WG, PER): code j of word w is column PER w + j
-    shifts = (lane * B).to(tl.uint32)
-    first = tl.program_id(1) * groups_per_program
-    last = tl.minimum(first + groups_per_program, tl.cdiv(C, GS))
-    acc = tl.zeros((MT, BN, WG, PER), dtype=tl.float32)
-    for g in range(first, last):
-        col_mask = cols < tl.minimum(GS, C - g * GS)
-        x_ptrs = x_ptr + toks[:, None, None].to(tl.int64) * stride_xm + (g * GS + cols)[None, :, :]
-        x = tl.load(x_ptrs, mask=tok_mask[:, None, None] & col_mask[None, :, :], other=0.0).to(tl.float32)
-        word = ((g * GS * B) >> 5) + tl.arange(0, WG)
-        ptrs = codes_ptr + rows[:, None].to(tl.int64) * words_per_row + word[None, :]
-        words = tl.load(ptrs, mask=row_mask[:, None] & (word < words_per_row)[None, :], other=0)
-        codes = (words.to(tl.uint32, bitcast=True)[:, :, None] >> shifts[None, None, :]) & ((1 << B) - 1)
-        q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # (BN, WG, PER), exact
-        scale, offset, binary = row_offsets(
-            scale_ptr, zero_ptr, mean_ptr, rows, row_mask, g, R, tl.load(code_bits_ptr + g),
-            tl.load(zero_bit_ptr + g), tl.load(mean_index_ptr + g), SYM,
-        )  # fmt: skip
-        # s (Q - z) = s Q - s z;  mu + s (2 Q - 1) = 2 s Q + (mu - s)
-        slope = tl.where(binary, 2 * scale, scale)
-        intercept = tl.where(binary, offset - scale, -scale * offset)
-        w = q * slope[:, None, None] + intercept[:, None, None]
-        acc += w[None, :, :, :] * x[:, None, :, :]
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # (MT, BN)
-    store_output_tile(out_ptr, tl.trans(y), rows, row_mask, toks, tok_mask, stride_om, ATOMIC)
-
-
-@triton.jit
 def _uniform_dequant_kernel(
     w_ptr, codes_ptr, scale_ptr, zero_ptr, mean_ptr,
     code_bits_ptr, zero_bit_ptr, mean_index_ptr, col_bit_ptr, perm_ptr,
@@ -257,40 +212,6 @@ def uniform_matmul(
         GS=group_size, GSP=padded_group(group_size), BN=block_rows, BM=block_tokens, SYM=sym,
         PERMUTED=layout.perm is not None, WORD_BITS=word_bits(layout, group_size), ATOMIC=atomic,
         num_warps=num_warps,
-    )  # fmt: skip
-    return out.to(x.dtype) if atomic else out
-
-
-def uniform_gemv(
-    x: torch.Tensor,
-    tensors: dict,
-    shape: tuple[int, int],
-    layout: UniformLayout,
-    group_size: int,
-    sym: bool,
-    block_rows: int,
-    groups_per_program: int,
-    num_warps: int,
-) -> torch.Tensor:
-    """x (M, C) -> (M, R) on the CUDA cores for a few tokens; only for layouts with
-    `word_bits(layout, group_size)` > 0 (the fused kernel takes the others)."""
-    bits = word_bits(layout, group_size)
-    if not bits:
-        raise ValueError(
-            "uniform_gemv needs every group the same code width dividing 32, word-aligned groups and "
-            "no act-order permutation; use uniform_matmul for this layer"
-        )
-    rows, cols = shape
-    tokens = x.shape[0]
-    splits = -(-layout.code_bits.numel() // groups_per_program)
-    out, atomic = output_buffer(tokens, rows, x, splits)
-    operands = _operands(tensors, layout)[:7]  # no column offsets or permutation: codes are word-packed
-    grid = (triton.cdiv(rows, block_rows), splits)
-    _uniform_gemv_kernel[grid](
-        x, out, *operands, tokens, rows, cols, tensors["uq_codes"].shape[1], x.stride(0), out.stride(0),
-        groups_per_program,
-        GS=group_size, GSP=padded_group(group_size), BN=block_rows, MT=triton.next_power_of_2(tokens),
-        SYM=sym, B=bits, ATOMIC=atomic, num_warps=num_warps,
     )  # fmt: skip
     return out.to(x.dtype) if atomic else out
 
