@@ -128,7 +128,12 @@ out = {
                    "wall_s": float(t2) - float(t1), "exit": int(rc_seq)},
     "jobs": jobs,
 }
-out["speedup"] = out["sequential"]["wall_s"] / out["parallel"]["wall_s"]
+finished = bool(jobs) and all(
+    side in j and j[side]["status"] == "ok" for j in jobs for side in ("parallel", "sequential")
+)
+# a wall-time ratio means something only when every job finished on both sides
+out["speedup"] = out["sequential"]["wall_s"] / out["parallel"]["wall_s"] if finished else None
+out["all_finished"] = finished
 out["all_identical"] = bool(jobs) and all(j.get("weights_identical") and j.get("eval_identical") for j in jobs)
 print(json.dumps(out, indent=1))
 (work / "launcher_sweep.json").write_text(json.dumps(out, indent=1))

@@ -54,3 +54,17 @@ def test_a_different_base_file_is_refused(tmp_path):
 def test_the_family_must_match_the_adapter():
     with pytest.raises(ModelLoadError, match="model.family"):
         load_dllm({**SPEC, "family": "dream"})
+
+
+def test_the_merged_model_saves_as_plain_safetensors(smol, tmp_path):
+    """The GGUF base is dequantized on load, so `save_model=true` writes ordinary fp32 weights (it
+    used to fail: transformers still marked the model GGUF-quantized)."""
+    from safetensors.torch import load_file
+
+    from qdllm.models.registry import save_dllm
+
+    path = save_dllm(smol, tmp_path / "saved")
+    saved = {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    state = smol.model.state_dict()
+    assert saved and "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert all(torch.equal(tensor, state[name]) for name, tensor in saved.items())

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from qdllm.config import register_configs
-from tests.app.conftest import CONF, REPO, read_record, run_cli
+from tests.app.conftest import CONF, REPO, app_env, read_record, run_cli
 
 # abmp.ratio=0.7 composes (a float) but is refused by resolve_job when the job runs
 RATIOS = ["0.0", "0.05", "0.1", "0.7"]
@@ -147,3 +147,30 @@ def test_slurm_launcher_composes_and_its_sbatch_script_carries_the_settings(tmp_
     # every array task runs its pickled job under srun; logs next to the sweep
     assert any(line.startswith("srun") and "submitit.core._submit" in line for line in script)
     assert f"#SBATCH --output={tmp_path}/.submitit/%A_%a/%A_%a_0_log.out" in script
+
+
+def test_sweep_queue_runs_experiments_on_a_ray_instance_started_outside_run_py(tmp_path):
+    """experiments/sweep_queue.sh starts Ray with `ray start` before any run.py, so its workers do
+    not inherit run.py's PROJECT_ROOT (the config reads it); the launcher passes it on (on the H200
+    every job failed to resolve its config before that)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in app_env().items() if k != "PROJECT_ROOT"}
+    env.update(
+        SWEEP=str(tmp_path / "queue"),
+        GPU_SHARE="0",
+        RAY_ARGS="--num-cpus=2",
+        RAY=f"{sys.executable} -m ray.scripts.scripts",
+        PY=sys.executable,
+    )
+    tiny = [o for o in TINY if not o.startswith("experiment=")]
+    proc = subprocess.run(
+        ["bash", "experiments/sweep_queue.sh", "table2b_abmp_tiny", *tiny, "abmp.ratio=0.0,0.05"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [
+        read_record(p.parent) for p in (tmp_path / "queue" / "table2b_abmp_tiny").glob("*/results.json")
+    ]
+    assert records and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]

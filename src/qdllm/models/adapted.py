@@ -82,7 +82,14 @@ def load_base_model(gguf: Path, expected_sha256: str | None = None) -> torch.nn.
                 f"base GGUF {gguf} has SHA-256 {found}, the adapter was trained on {expected_sha256}; "
                 "install the package version named in adapter_config.json"
             )
-    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are plain fp32 tensors now; transformers still marks the model GGUF-quantized,
+    # which makes save_pretrained refuse it (save_model=true) though nothing quantized is left
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def adapter_tensors(
