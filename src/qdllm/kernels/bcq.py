@@ -189,6 +189,36 @@ def _mean_or_dummy(tensors: dict) -> tuple[torch.Tensor, bool]:
     return (tensors["bcq_row_scale"], False) if mean is None else (mean, True)
 
 
+def _launch_over_groups(
+    kernel,
+    x: torch.Tensor,
+    tensors: dict,
+    shape: tuple[int, int],
+    layout: BcqLayout,
+    group_size: int,
+    block_rows: int,
+    groups_per_program: int,
+    num_warps: int,
+    token_grid: tuple[int, ...],
+    **meta,
+) -> torch.Tensor:
+    """Launch a BCQ matmul kernel over (row blocks, *token_grid, group splits): the groups are split
+    over ceil(G / groups_per_program) programs per tile, which then add into an fp32 output."""
+    rows, cols = shape
+    splits = -(-layout.order.numel() // groups_per_program)
+    out, atomic = output_buffer(x.shape[0], rows, x, splits)
+    mean, has_mean = _mean_or_dummy(tensors)
+    grid = (triton.cdiv(rows, block_rows), *token_grid, splits)
+    kernel[grid](
+        x, out, tensors["bcq_signs"], tensors["bcq_row_scale"], tensors["bcq_col_scale"], mean,
+        layout.order, layout.plane, layout.bit, x.shape[0], rows, cols, tensors["bcq_signs"].shape[1],
+        x.stride(0), out.stride(0), groups_per_program,
+        GS=group_size, GSP=padded_group(group_size), BN=block_rows, HAS_MEAN=has_mean, ATOMIC=atomic,
+        num_warps=num_warps, **meta,
+    )  # fmt: skip
+    return out.to(x.dtype) if atomic else out
+
+
 def bcq_matmul(
     x: torch.Tensor,
     tensors: dict,
@@ -200,22 +230,12 @@ def bcq_matmul(
     groups_per_program: int,
     num_warps: int,
 ) -> torch.Tensor:
-    """x (M, C) -> (M, R) = x W^T in x's dtype, W never formed. Groups are split over
-    ceil(G / groups_per_program) programs per row block, which then add into an fp32 output."""
-    rows, cols = shape
-    tokens = x.shape[0]
-    splits = -(-layout.order.numel() // groups_per_program)
-    out, atomic = output_buffer(tokens, rows, x, splits)
-    mean, has_mean = _mean_or_dummy(tensors)
-    grid = (triton.cdiv(rows, block_rows), triton.cdiv(tokens, block_tokens), splits)
-    _bcq_matmul_kernel[grid](
-        x, out, tensors["bcq_signs"], tensors["bcq_row_scale"], tensors["bcq_col_scale"], mean,
-        layout.order, layout.plane, layout.bit, tokens, rows, cols, tensors["bcq_signs"].shape[1],
-        x.stride(0), out.stride(0), groups_per_program,
-        GS=group_size, GSP=padded_group(group_size), BN=block_rows, BM=block_tokens,
-        HAS_MEAN=has_mean, ATOMIC=atomic, num_warps=num_warps,
+    """x (M, C) -> (M, R) = x W^T in x's dtype on the tensor cores, W never formed."""
+    token_grid = (triton.cdiv(x.shape[0], block_tokens),)
+    return _launch_over_groups(
+        _bcq_matmul_kernel, x, tensors, shape, layout, group_size, block_rows, groups_per_program,
+        num_warps, token_grid, BM=block_tokens,
     )  # fmt: skip
-    return out.to(x.dtype) if atomic else out
 
 
 def bcq_gemv(
@@ -228,21 +248,11 @@ def bcq_gemv(
     groups_per_program: int,
     num_warps: int,
 ) -> torch.Tensor:
-    """x (M, C) -> (M, R) on the CUDA cores for a few tokens (all M in one program column)."""
-    rows, cols = shape
-    tokens = x.shape[0]
-    splits = -(-layout.order.numel() // groups_per_program)
-    out, atomic = output_buffer(tokens, rows, x, splits)
-    mean, has_mean = _mean_or_dummy(tensors)
-    grid = (triton.cdiv(rows, block_rows), splits)
-    _bcq_gemv_kernel[grid](
-        x, out, tensors["bcq_signs"], tensors["bcq_row_scale"], tensors["bcq_col_scale"], mean,
-        layout.order, layout.plane, layout.bit, tokens, rows, cols, tensors["bcq_signs"].shape[1],
-        x.stride(0), out.stride(0), groups_per_program,
-        GS=group_size, GSP=padded_group(group_size), BN=block_rows, MT=triton.next_power_of_2(tokens),
-        HAS_MEAN=has_mean, ATOMIC=atomic, num_warps=num_warps,
+    """x (M, C) -> (M, R) on the CUDA cores for a few tokens (all M in one program)."""
+    return _launch_over_groups(
+        _bcq_gemv_kernel, x, tensors, shape, layout, group_size, block_rows, groups_per_program,
+        num_warps, (), MT=triton.next_power_of_2(x.shape[0]),
     )  # fmt: skip
-    return out.to(x.dtype) if atomic else out
 
 
 def bcq_dequantize_rows(
