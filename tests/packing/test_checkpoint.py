@@ -67,6 +67,55 @@ def test_packed_checkpoint_round_trips_to_identical_logits(tmp_path, family, cfg
     assert sum(p.stat().st_size for p in shards) - headers == sizes["total"]  # tensor bytes, nothing else
 
 
+@pytest.mark.parametrize(
+    ("family", "transform", "cfg"),
+    [
+        ("llada", {"name": "quarot", "seed": 3}, {"method": "rtn", "bits": 4}),
+        ("dream", {"name": "duquant", "block_size": 16, "rotation_steps": 8}, {"method": "gptq", "bits": 4}),
+    ],
+)
+def test_online_rotations_are_stored_and_reattached(tmp_path, family, transform, cfg):
+    """QuaRot's Hadamards (ffn_out input, across heads at attn_out) and DuQuant's block rotations
+    (every Linear input) run on the packed model as on the fake-quantized one."""
+    from qdllm.pipeline.transform import transform_model
+    from qdllm.transforms import TransformSpec
+    from qdllm.transforms.online import input_transform_of
+
+    dllm = load_dllm({"family": family})
+    spec = DataSpec(path=str(DATA_ROOT / "c4/c4_excerpt.jsonl"), nsamples=4, seqlen=64)
+    windows = calibration_windows(load_texts(spec), dllm.tokenizer, spec)
+    states, _ = mcs_states(windows, dllm.mask_token_id, MCSSpec(timesteps=2))
+    transform_model(dllm, states, TransformSpec(**transform), PipelineSpec(progress=False))
+    report = quantize_model(dllm, states, {**cfg, "group_size": 16}, PipelineSpec(progress=False, pack=True))
+    save_quantized(dllm, report.packed, tmp_path / "ck", {"group_size": 16, "sym": False})
+    loaded = qdllm.load_quantized(tmp_path / "ck")
+    expected = {n for n, m in dllm.model.named_modules() if input_transform_of(m) is not None}
+    assert expected and expected == {n for n, m in loaded.model.named_modules() if input_transform_of(m)}
+    assert torch.equal(loaded.logits(windows[:2]), dllm.logits(windows[:2]))
+    if family == "dream":  # transformers would load it without its rotations: refused by name
+        from transformers import AutoModelForCausalLM
+
+        with pytest.raises(ValueError, match="qdllm.load_quantized"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+
+
+def test_an_unknown_input_transform_fails_to_load(tmp_path):
+    dllm = load_dllm({"family": "llada"})
+    from qdllm.transforms.quarot import QuaRotSpec, apply_quarot
+
+    apply_quarot(dllm, QuaRotSpec(seed=1))
+    report = quantize_model(dllm, torch.zeros(2, 16, dtype=torch.long), {"method": "rtn", "group_size": 16},
+                            PipelineSpec(progress=False, pack=True))  # fmt: skip
+    save_quantized(dllm, report.packed, tmp_path / "ck", {"group_size": 16, "sym": False})
+
+    def rename(qc):
+        next(iter(qc["input_transforms"].values()))["kind"] = "spiral"
+
+    edit_quantization_config(tmp_path / "ck", rename)
+    with pytest.raises(PackedFormatError, match="unknown online input transform kind 'spiral'"):
+        qdllm.load_quantized(tmp_path / "ck")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     dllm, report, _ = quantized("llada", {"method": "daq"})
@@ -103,8 +152,9 @@ def test_model_card_and_config_describe_the_quantization(checkpoint):
 
 
 @pytest.mark.slow
-def test_run_py_pack_writes_the_checkpoint_and_its_size(tmp_path):
-    proc = run_cli("debug=tiny_cpu", "pack=true", f"hydra.run.dir={tmp_path}")
+@pytest.mark.parametrize("overrides", [[], ["quant=quarot", "act=none"]], ids=["default", "quarot"])
+def test_run_py_pack_writes_the_checkpoint_and_its_size(tmp_path, overrides):
+    proc = run_cli("debug=tiny_cpu", "pack=true", *overrides, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = read_record(tmp_path)
     assert record["artifacts"]["packed"] == "packed" and record["quant"]["packed_bytes"]["total"] > 0

@@ -23,7 +23,7 @@ from qdllm.pipeline.quantize import PipelineSpec
 from qdllm.quant.activations import ActSpec
 from qdllm.quant.methods import get_method
 from qdllm.quant.spec import ABMP_SCOPES, QuantSpec
-from qdllm.transforms import TransformSpec, leaves_online_rotations
+from qdllm.transforms import TransformSpec
 
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -68,13 +68,6 @@ def resolve_job(cfg: DictConfig | RunConf) -> JobSpecs:
         "pack",
         run.pack,
         f"quant.method={quant.method!r} has no packed format yet; run without pack",
-    )
-    require(
-        not (run.pack and leaves_online_rotations(transform.name)),
-        "pack",
-        run.pack,
-        f"quant.transform.name={transform.name!r} leaves online rotations that the packed format does "
-        "not store yet; run without pack (save_model=true writes the fake-quantized model)",
     )
     return JobSpecs(
         run=run,

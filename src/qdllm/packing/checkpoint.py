@@ -33,6 +33,13 @@ from qdllm.packing.format import (
 from qdllm.packing.module import QuantizedLinear
 from qdllm.quant.methods import get_method
 from qdllm.quant.spec import QuantSpec
+from qdllm.transforms.online import (
+    CHILD_NAME,
+    attach_input_transform,
+    input_transform_of,
+    transform_from_record,
+    transform_record,
+)
 
 QUANT_METHOD = "qdllm"
 SHARD_BYTES = 2 * 2**30
@@ -92,11 +99,14 @@ def save_quantized(
         seen.add(value.data_ptr())
     for name, (_, parts) in packed.items():
         tensors.update({f"{name}.{key}": t.contiguous() for key, t in parts.items()})
+    online = _online_transforms(dllm, tensors)
 
     for name, (fmt, parts) in packed.items():
         fmt.check(name, parts)
     config = _model_config(dllm)
     config["quantization_config"] = _quantization_config(dllm, packed, state, replaced, quantization)
+    if online:
+        config["quantization_config"]["input_transforms"] = online
     sizes = size_breakdown(tensors, packed)
     staging = Path(tempfile.mkdtemp(prefix=".staging_", dir=path.parent if path.parent.exists() else None))
     try:
@@ -109,6 +119,20 @@ def save_quantized(
     finally:  # after a failure the half-written directory would only hold disk space
         shutil.rmtree(staging, ignore_errors=True)
     return sizes
+
+
+def _online_transforms(dllm: DiffusionLM, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Records of the online input transforms (QuaRot, DuQuant) left on the model's modules: module
+    name -> record, their tensors added to `tensors` as `<module>.input_transform.<key>` (copies: one
+    rotation may serve many modules, and safetensors stores no shared tensors)."""
+    records = {}
+    for name, module in dllm.model.named_modules():
+        transform = input_transform_of(module)
+        if transform is None:
+            continue
+        records[name], parts = transform_record(transform)
+        tensors.update({f"{name}.{CHILD_NAME}.{key}": t.detach().cpu().clone() for key, t in parts.items()})
+    return records
 
 
 def _move_into_place(staging: Path, path: Path) -> None:
@@ -299,6 +323,14 @@ def load_quantized(path: str | Path, device: str = "cpu", cache: bool = False) -
         quantized = QuantizedLinear(parts, fmt, dtype, bias, cache)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, quantized)
+    for name, record in (qc.get("input_transforms") or {}).items():
+        prefix = f"{name}.{CHILD_NAME}."
+        parts = {key[len(prefix) :]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
+        try:
+            transform = transform_from_record(record, parts)
+        except (KeyError, ValueError) as exc:
+            raise PackedFormatError(f"{path}: input transform of {name}: {exc}") from exc
+        attach_input_transform(model.get_submodule(name), transform)
     expected = set(model.state_dict())
     packed_keys = {
         k

@@ -41,6 +41,13 @@ class QdllmHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs) -> None:
         config = self.quantization_config
+        if getattr(config, "input_transforms", None):
+            # transformers would drop their tensors as unexpected keys and run the model unrotated
+            raise ValueError(
+                "this qdllm checkpoint carries online input rotations (QuaRot / DuQuant: "
+                "quantization_config.input_transforms) that transformers cannot attach; load it with "
+                "qdllm.load_quantized"
+            )
         dtype = getattr(torch, config.dtype)
         for name, fmt in module_formats(config.to_dict()).items():
             linear = model.get_submodule(name)

@@ -15,7 +15,8 @@ Registry: `TRANSFORMS` maps a name to a `Transform`. A transform is a function
 name to the (C,) fp32 max |x| of its input over the calibration set (FP model). It edits the model
 in place and returns a JSON-able report (recorded under `quant.transform` in results.json).
 QuaRot (`quarot.py`) and DuQuant (`duquant.py`) leave online rotations on some Linear inputs
-(`online.py`), which the packed format does not store: `resolve_job` refuses `pack=true` with them.
+(`online.py`); a packed checkpoint stores them (`quantization_config.input_transforms`) and the
+loader re-attaches them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ class Transform:
 
     apply: Callable[..., dict[str, Any] | None]
     needs_act_absmax: bool = False
-    online: bool = False  # leaves rotations applied at run time on some Linear inputs
 
 
 def _quarot(dllm, spec: TransformSpec) -> dict[str, Any]:
@@ -60,8 +60,8 @@ def _duquant(dllm, spec: TransformSpec, act_absmax) -> dict[str, Any]:
 
 TRANSFORMS: dict[str, Transform] = {
     "smoothquant": Transform(apply_smoothquant, needs_act_absmax=True),
-    "quarot": Transform(_quarot, online=True),
-    "duquant": Transform(_duquant, needs_act_absmax=True, online=True),
+    "quarot": Transform(_quarot),
+    "duquant": Transform(_duquant, needs_act_absmax=True),
 }
 
 
@@ -124,11 +124,6 @@ def get_transform(name: str) -> Transform:
     return TRANSFORMS[name]
 
 
-def leaves_online_rotations(name: str) -> bool:
-    """Whether the transform `name` keeps run-time rotations (not stored by the packed format)."""
-    return name in TRANSFORMS and TRANSFORMS[name].online
-
-
 __all__ = [
     "NONE",
     "SMOOTH_SITES",
@@ -137,5 +132,4 @@ __all__ = [
     "TransformSpec",
     "apply_smoothquant",
     "get_transform",
-    "leaves_online_rotations",
 ]

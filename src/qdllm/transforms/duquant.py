@@ -117,12 +117,21 @@ class BlockRotation(InputTransform):
     in an identity; x is zero-padded to nb n); perm: (C,) with (x P)_k = x_perm[k].
     """
 
+    kind = "block_rotation"
+
     def __init__(self, r1: torch.Tensor, perm: torch.Tensor, r2: torch.Tensor):
         super().__init__()
         self.channels = int(perm.numel())
         self.register_buffer("r1", r1, persistent=False)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("r2", r2, persistent=False)
+
+    def record(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {}, {"r1": self.r1, "perm": self.perm, "r2": self.r2}
+
+    @classmethod
+    def from_record(cls, args: dict, tensors: dict[str, torch.Tensor]) -> BlockRotation:
+        return cls(tensors["r1"], tensors["perm"], tensors["r2"])
 
     def _blocks(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         nb, n = r.shape[0], r.shape[1]

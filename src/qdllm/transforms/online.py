@@ -15,21 +15,70 @@ and writes their weights in place) and:
 A module that replaces the Linear (e.g. a packed `QuantizedLinear`) carries the transform over with
 `attach_input_transform(new, input_transform_of(old))`. A deep copy of the block keeps it: the hook
 is a bound method of the child, which `copy.deepcopy` re-binds to the copied child.
+
+A packed checkpoint stores each transform as a record: `transform_record(t)` gives its JSON-able
+description (`kind` + arguments) and its tensors; `transform_from_record` rebuilds it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from qdllm.transforms.hadamard import KroneckerRotation
+
 CHILD_NAME = "input_transform"
+_KINDS: dict[str, type[InputTransform]] = {}
 
 
 class InputTransform(nn.Module):
-    """Base of online transforms: `forward(x)` maps (..., C) to x T, (..., C)."""
+    """Base of online transforms: `forward(x)` maps (..., C) to x T, (..., C). A subclass names
+    itself with `kind` (registering it for checkpoints) and implements `record` / `from_record`."""
+
+    kind = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _KINDS[cls.kind] = cls
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
         return (self(args[0]), *args[1:])
+
+    def record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-able arguments, tensors) that `from_record` rebuilds this transform from."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_record(cls, args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> InputTransform:
+        raise NotImplementedError
+
+
+def transform_record(transform: InputTransform) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`transform` as ({"kind": ..., arguments}, tensors) for a checkpoint."""
+    args, tensors = transform.record()
+    return {"kind": transform.kind, **args}, tensors
+
+
+def transform_from_record(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> InputTransform:
+    """The transform a `transform_record` describes."""
+    import qdllm.transforms  # noqa: F401  (registers every transform module's kinds)
+
+    kind = spec.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown online input transform kind {kind!r}; known: {sorted(_KINDS)}")
+    return _KINDS[kind].from_record({k: v for k, v in spec.items() if k != "kind"}, tensors)
+
+
+def _rotation_record(rotation: KroneckerRotation) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    tensors = {"factor": rotation.factor} | ({} if rotation.signs is None else {"signs": rotation.signs})
+    return {"power": rotation.power, "is_hadamard": rotation.is_hadamard}, tensors
+
+
+def _rotation_from_record(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> KroneckerRotation:
+    return KroneckerRotation(tensors["factor"], args["power"], tensors.get("signs"), args["is_hadamard"])
 
 
 def attach_input_transform(linear: nn.Module, transform: InputTransform) -> None:
@@ -51,9 +100,18 @@ def input_transform_of(linear: nn.Module) -> InputTransform | None:
 class LastDimRotation(InputTransform):
     """x -> x Q with Q a `KroneckerRotation` (e.g. the full Hadamard at the down_proj input)."""
 
-    def __init__(self, rotation: nn.Module):
+    kind = "last_dim_rotation"
+
+    def __init__(self, rotation: KroneckerRotation):
         super().__init__()
         self.rotation = rotation
+
+    def record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return _rotation_record(self.rotation)
+
+    @classmethod
+    def from_record(cls, args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LastDimRotation:
+        return cls(_rotation_from_record(args, tensors))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rotation(x)
@@ -66,10 +124,20 @@ class HeadMixing(InputTransform):
     order `heads` applied to every within-head index j.
     """
 
-    def __init__(self, rotation: nn.Module, head_dim: int):
+    kind = "head_mixing"
+
+    def __init__(self, rotation: KroneckerRotation, head_dim: int):
         super().__init__()
         self.rotation = rotation
         self.head_dim = int(head_dim)
+
+    def record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        args, tensors = _rotation_record(self.rotation)
+        return {**args, "head_dim": self.head_dim}, tensors
+
+    @classmethod
+    def from_record(cls, args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HeadMixing:
+        return cls(_rotation_from_record(args, tensors), args["head_dim"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = self.rotation.n
