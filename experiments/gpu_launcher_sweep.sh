@@ -18,6 +18,8 @@ RAY_VERSION=2.60.0
 EXPERIMENTS=${EXPERIMENTS:-smol_table2c_daq,smol_table2e_comp}
 EVAL=${EVAL:-eval=ppl eval.ppl.max_windows=32}
 CALIB=${CALIB:-}                    # e.g. calib.nsamples=64 to shorten the quantization
+# MODEL_ARGS (default: the staged smol base GGUF); empty for experiments on the tiny models, e.g. a
+# CPU dry run of this script: MODEL_ARGS= EXPERIMENTS=table2b_abmp_tiny EVAL=... bash $0 sweep
 PAR_TIMEOUT=${PAR_TIMEOUT:-270}
 SEQ_TIMEOUT=${SEQ_TIMEOUT:-330}
 OUT=${OUT:-/tmp/out}
@@ -54,9 +56,9 @@ host2() {
 run_sweeps() {
   . experiments/stage_smol_dllm.sh env
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
-  local common=("model.base_path=$SMOL_GGUF" save_model=true) t0 t1 t2 rc_par rc_seq
+  local common=(save_model=true) t0 t1 t2 rc_par rc_seq
   # shellcheck disable=SC2206
-  common+=($EVAL $CALIB)
+  common+=(${MODEL_ARGS-model.base_path=$SMOL_GGUF} $EVAL $CALIB)
   rm -rf $WORK && mkdir -p $WORK
   t0=$(date +%s.%N)
   # four jobs share the GPU (a quarter each); several experiments in one Ray queue

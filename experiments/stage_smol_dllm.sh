@@ -10,7 +10,9 @@
 #                bash experiments/stage_smol_dllm.sh host2   (carry .stage2)
 #                bash experiments/stage_smol_dllm.sh host3   (carry .stage3)
 # then `source experiments/stage_smol_dllm.sh env` sets PYTHONPATH, QDLLM_EVAL_DATA and SMOL_GGUF.
-set -euo pipefail
+# strict mode only when run, not when sourced for `env` (it would make the caller exit on any failing
+# command: gpu_launcher_sweep.sh stopped after a timed-out parallel sweep, before the sequential one)
+[[ "${BASH_SOURCE[0]}" != "$0" ]] || set -euo pipefail
 HOST=.host                       # persistent, ignored folder on the GPU host
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 PY=${PY:-python3}
