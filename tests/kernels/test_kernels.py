@@ -139,7 +139,7 @@ def test_blocked_matmul_matches_the_reference_weight(layer, device, tokens, dtyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("tokens", [(1, 3), (4, 100)])  # fused and blocked paths, 3-D input
+@pytest.mark.parametrize("tokens", [(1, 1), (1, 3), (4, 100)])  # gemv (BCQ), fused, blocked; 3-D input
 def test_quantized_linear_on_cuda_runs_the_kernels_not_the_reference(tokens, monkeypatch):
     import qdllm.packing.module as module
 
