@@ -192,35 +192,27 @@ def dispatched_path(plan: PackedMatmul, tokens: int) -> str:
     return "fused" if tokens <= FUSED_MAX_TOKENS[plan.kind] else "blocked"
 
 
-def tune_gemv(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> list[dict]:
-    """CUDA-core launch shapes: rows per program, programs ~ fill x processors (0: no split), warps."""
+# kernel path -> (rows per program, warps, config from (rows, groups per program, warps), call)
+LAUNCH_SWEEPS = {
+    "gemv": ((8, 16, 32, 64), (2, 4, 8), GemvConfig, gemv),
+    "fused": ((32, 64, 128), (4, 8), lambda rows, groups, warps: FusedConfig(rows, 16, groups, warps), fused),
+}
+
+
+def tune_launch(path: str, plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> list[dict]:
+    """Launch shapes of a kernel path: rows per program, programs ~ fill x processors (0: no split), warps."""
+    rows_options, warps_options, make_config, call = LAUNCH_SWEEPS[path]
     processors = torch.cuda.get_device_properties(0).multi_processor_count
     x = torch.randn(tokens, plans[0].cols, generator=gen).bfloat16().cuda()
     out = []
-    for block_rows in (8, 16, 32, 64):
+    for block_rows in rows_options:
         tiles = -(-plans[0].rows // block_rows)
         for fill in (0, 4, 8):
             splits = 1 if fill == 0 else min(plans[0].groups, max(1, -(-fill * processors // tiles)))
-            for warps in (2, 4, 8):
-                config = GemvConfig(block_rows, -(-plans[0].groups // splits), warps)
-                us = graph_time_us([partial(gemv, x, config, p) for p in plans], replays=7)
-                out.append({"path": "gemv", "tokens": tokens, "config": config.__dict__, "us": us})
-    return out
-
-
-def tune_fused(plans: list[PackedMatmul], tokens: int, gen: torch.Generator) -> list[dict]:
-    """Launch shapes: rows per program, programs ~ fill x processors (0: no split), warps."""
-    processors = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(tokens, plans[0].cols, generator=gen).bfloat16().cuda()
-    out = []
-    for block_rows in (32, 64, 128):
-        tiles = -(-plans[0].rows // block_rows)
-        for fill in (0, 4, 8):
-            splits = 1 if fill == 0 else min(plans[0].groups, max(1, -(-fill * processors // tiles)))
-            for warps in (4, 8):
-                config = FusedConfig(block_rows, 16, -(-plans[0].groups // splits), warps)
-                us = graph_time_us([partial(fused, x, config, p) for p in plans], replays=7)
-                out.append({"path": "fused", "tokens": tokens, "config": config.__dict__, "us": us})
+            for warps in warps_options:
+                config = make_config(block_rows, -(-plans[0].groups // splits), warps)
+                us = graph_time_us([partial(call, x, config, p) for p in plans], replays=7)
+                out.append({"path": path, "tokens": tokens, "config": config.__dict__, "us": us})
     return out
 
 
@@ -239,7 +231,11 @@ TUNED_TOKENS = {"gemv": (1, 4), "fused": (1, 16), "blocked": (256, 1024, 4096)}
 def tune(gen: torch.Generator, paths: list[str]) -> list[dict]:
     """Launch shapes of the CUDA-core and fused kernels at few tokens, the blocked path's block size
     at many."""
-    sweepers = {"gemv": tune_gemv, "fused": tune_fused, "blocked": tune_blocked}
+    sweepers = {
+        "gemv": partial(tune_launch, "gemv"),
+        "fused": partial(tune_launch, "fused"),
+        "blocked": tune_blocked,
+    }
     out = []
     for rows, cols in SHAPES:
         for kind, make in layer_kinds(rows, cols, gen).items():

@@ -206,7 +206,7 @@ def _launch_over_groups(
     over ceil(G / groups_per_program) programs per tile, which then add into an fp32 output."""
     rows, cols = shape
     splits = -(-layout.order.numel() // groups_per_program)
-    out, atomic = output_buffer(x.shape[0], rows, x, splits)
+    out, atomic = output_buffer(x, rows, splits)
     mean, has_mean = _mean_or_dummy(tensors)
     grid = (triton.cdiv(rows, block_rows), *token_grid, splits)
     kernel[grid](

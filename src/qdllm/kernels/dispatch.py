@@ -66,9 +66,14 @@ def gemv_config(
     """Rows x tokens per program held at 32 (at least 4 rows), so the fp32 partial sums (that many
     times the group width) stay in registers; groups split until the GPU is filled
     `programs_per_processor` times over."""
-    block_rows = max(4, 32 // max(1, 1 << (tokens - 1).bit_length()))
+    block_rows = max(4, 32 // (1 << (tokens - 1).bit_length()))  # tokens padded to a power of two
     splits = min(groups, max(1, -(-programs_per_processor * processors // -(-rows // block_rows))))
     return GemvConfig(block_rows, groups // splits)
+
+
+def processor_count(x: torch.Tensor) -> int:
+    """Streaming multiprocessors of x's GPU (1 off the GPU, e.g. under Triton's interpreter)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
 
 
 _SCRATCH: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
@@ -106,8 +111,7 @@ class PackedMatmul:
     def fused(self, x: torch.Tensor, config: FusedConfig | None = None) -> torch.Tensor:
         """x (M, C) -> (M, R) without forming W."""
         if config is None:
-            processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-            config = fused_config(self.rows, self.groups, x.shape[0], processors)
+            config = fused_config(self.rows, self.groups, x.shape[0], processor_count(x))
         launch = (config.block_rows, config.block_tokens, config.groups_per_program, config.num_warps)
         if self.kind == "bcq":
             from qdllm.kernels.bcq import bcq_matmul
@@ -119,11 +123,10 @@ class PackedMatmul:
 
     def gemv(self, x: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
         """x (M, C) -> (M, R) on the CUDA cores, for a few tokens (BCQ layers)."""
-        if config is None:
-            processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-            config = gemv_config(self.rows, self.groups, x.shape[0], processors)
         if self.kind != "bcq":
             raise ValueError(f"the CUDA-core kernel reads BCQ layers only, not {self.kind}: use fused()")
+        if config is None:
+            config = gemv_config(self.rows, self.groups, x.shape[0], processor_count(x))
         from qdllm.kernels.bcq import bcq_gemv
 
         launch = (config.block_rows, config.groups_per_program, config.num_warps)

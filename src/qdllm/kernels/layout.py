@@ -101,11 +101,3 @@ def uniform_layout(tensors: dict, group_size: int, device: torch.device) -> Unif
         perm=None if contiguous else perm.to(**as_int32),
         same_bits=int(same[0]) if same.numel() == 1 else None,
     )
-
-
-def word_bits(layout: UniformLayout, group_size: int) -> int:
-    """Code width for the word-unpacking path (0: gather every code): every group the same width,
-    dividing 32, with word-aligned groups, in the stored column order."""
-    bits = layout.same_bits
-    aligned = bits is not None and 32 % bits == 0 and group_size * bits % 32 == 0
-    return bits if aligned and layout.perm is None else 0

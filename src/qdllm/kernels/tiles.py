@@ -19,9 +19,9 @@ def store_output_tile(out_ptr, acc, rows, row_mask, toks, tok_mask, stride_om, A
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def output_buffer(tokens: int, rows: int, x: torch.Tensor, splits: int) -> tuple[torch.Tensor, bool]:
-    """(M, R) output of a matmul whose groups are split over `splits` programs per tile: zeroed fp32
-    that they add into (atomic) when splits > 1, else uninitialised in x's dtype."""
+def output_buffer(x: torch.Tensor, rows: int, splits: int) -> tuple[torch.Tensor, bool]:
+    """(M, R) output for x (M, C) of a matmul whose groups are split over `splits` programs per tile:
+    zeroed fp32 that they add into (atomic) when splits > 1, else uninitialised in x's dtype."""
     if splits > 1:
-        return torch.zeros(tokens, rows, dtype=torch.float32, device=x.device), True
-    return torch.empty(tokens, rows, dtype=x.dtype, device=x.device), False
+        return torch.zeros(x.shape[0], rows, dtype=torch.float32, device=x.device), True
+    return torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device), False

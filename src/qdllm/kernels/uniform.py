@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qdllm.kernels.layout import UniformLayout, padded_group, word_bits
+from qdllm.kernels.layout import UniformLayout, padded_group
 from qdllm.kernels.tiles import output_buffer, store_output_tile
 
 
@@ -173,6 +173,14 @@ def _uniform_dequant_kernel(
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+def word_bits(layout: UniformLayout, group_size: int) -> int:
+    """Code width for the word-unpacking path (0: gather every code): every group the same width,
+    dividing 32, with word-aligned groups, in the stored column order."""
+    bits = layout.same_bits
+    aligned = bits is not None and 32 % bits == 0 and group_size * bits % 32 == 0
+    return bits if aligned and layout.perm is None else 0
+
+
 def _operands(tensors: dict, layout: UniformLayout) -> tuple:
     codes = tensors["uq_codes"]
     return (
@@ -204,7 +212,7 @@ def uniform_matmul(
     rows, cols = shape
     tokens = x.shape[0]
     splits = -(-layout.code_bits.numel() // groups_per_program)
-    out, atomic = output_buffer(tokens, rows, x, splits)
+    out, atomic = output_buffer(x, rows, splits)
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(tokens, block_tokens), splits)
     _uniform_matmul_kernel[grid](
         x, out, *_operands(tensors, layout), tokens, rows, cols, tensors["uq_codes"].shape[1],

@@ -214,6 +214,15 @@ class KroneckerRotation(nn.Module):
             y = y * self.signs.to(work)
         return y.to(dtype)
 
+    def record(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-able arguments, tensors) that `from_record` rebuilds this rotation from."""
+        tensors = {"factor": self.factor} | ({} if self.signs is None else {"signs": self.signs})
+        return {"power": self.power, "is_hadamard": self.is_hadamard}, tensors
+
+    @classmethod
+    def from_record(cls, args: dict, tensors: dict[str, torch.Tensor]) -> KroneckerRotation:
+        return cls(tensors["factor"], args["power"], tensors.get("signs"), args["is_hadamard"])
+
     def matrix(self) -> torch.Tensor:
         """Dense (n, n) Q in fp64 (for tests and small n)."""
         eye = torch.eye(self.n, dtype=FACTOR_DTYPE, device=self.factor.device)

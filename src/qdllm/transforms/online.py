@@ -41,7 +41,7 @@ class InputTransform(nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if cls.kind:
+        if "kind" in cls.__dict__:  # its own name, not one inherited from a parent kind
             _KINDS[cls.kind] = cls
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
@@ -72,15 +72,6 @@ def transform_from_record(spec: dict[str, Any], tensors: dict[str, torch.Tensor]
     return _KINDS[kind].from_record({k: v for k, v in spec.items() if k != "kind"}, tensors)
 
 
-def _rotation_record(rotation: KroneckerRotation) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    tensors = {"factor": rotation.factor} | ({} if rotation.signs is None else {"signs": rotation.signs})
-    return {"power": rotation.power, "is_hadamard": rotation.is_hadamard}, tensors
-
-
-def _rotation_from_record(args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> KroneckerRotation:
-    return KroneckerRotation(tensors["factor"], args["power"], tensors.get("signs"), args["is_hadamard"])
-
-
 def attach_input_transform(linear: nn.Module, transform: InputTransform) -> None:
     """Run `transform` on `linear`'s input from now on (see the module docstring)."""
     if input_transform_of(linear) is not None:
@@ -107,11 +98,11 @@ class LastDimRotation(InputTransform):
         self.rotation = rotation
 
     def record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return _rotation_record(self.rotation)
+        return self.rotation.record()
 
     @classmethod
     def from_record(cls, args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LastDimRotation:
-        return cls(_rotation_from_record(args, tensors))
+        return cls(KroneckerRotation.from_record(args, tensors))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.rotation(x)
@@ -132,12 +123,12 @@ class HeadMixing(InputTransform):
         self.head_dim = int(head_dim)
 
     def record(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        args, tensors = _rotation_record(self.rotation)
+        args, tensors = self.rotation.record()
         return {**args, "head_dim": self.head_dim}, tensors
 
     @classmethod
     def from_record(cls, args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> HeadMixing:
-        return cls(_rotation_from_record(args, tensors), args["head_dim"])
+        return cls(KroneckerRotation.from_record(args, tensors), args["head_dim"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = self.rotation.n
