@@ -8,16 +8,21 @@
 # On the host, in one lease, after experiments/stage_smol_dllm.sh host1 and host2 (the GGUF):
 #                bash experiments/gpu_launcher_sweep.sh host1    (carry .stage_l1)
 #                bash experiments/gpu_launcher_sweep.sh host2    (carry .stage_l2)
-#                bash experiments/gpu_launcher_sweep.sh sweep    (about 7-9 minutes)
-# The full smol Table 2 sweeps (10 jobs with eval=smol5, 2-8 minutes each) do not fit one 10-minute
-# call twice over: `sweep` runs the 4 jobs of smol_table2c_daq and smol_table2e_comp with a
-# perplexity-only evaluation (EVAL); EXPERIMENTS / EVAL / CALIB override the subset.
+#                bash experiments/gpu_launcher_sweep.sh sweep      (both sides and the comparison)
+# or, when both sides do not fit one 10-minute call, one call per piece, in the same lease:
+#                bash experiments/gpu_launcher_sweep.sh parallel
+#                SIDE_EXPERIMENTS=a,b bash experiments/gpu_launcher_sweep.sh sequential   (repeatable)
+#                bash experiments/gpu_launcher_sweep.sh compare
+# Each piece appends its wall time to $WORK/walls.jsonl; the sequential wall time is the sum of its
+# pieces. EXPERIMENTS / EVAL / CALIB choose the jobs (default: all five smol Table 2 sweeps, 10 jobs,
+# perplexity-only evaluation; CALIB=calib.mode=stratified keeps every sweep's grid, calib.nsamples
+# included, and cuts MCS's T-fold calibration cost).
 set -uo pipefail
 HOST=.host
 RAY_VERSION=2.60.0
-EXPERIMENTS=${EXPERIMENTS:-smol_table2c_daq,smol_table2e_comp}
+EXPERIMENTS=${EXPERIMENTS:-smol_table2a_mcs,smol_table2b_abmp,smol_table2c_daq,smol_table2d_calib,smol_table2e_comp}
 EVAL=${EVAL:-eval=ppl eval.ppl.max_windows=32}
-CALIB=${CALIB:-}                    # e.g. calib.nsamples=64 to shorten the quantization
+CALIB=${CALIB:-}                    # e.g. calib.mode=stratified to shorten the quantization
 # MODEL_ARGS (default: the staged smol base GGUF); empty for experiments on the tiny models, e.g. a
 # CPU dry run of this script: MODEL_ARGS= EXPERIMENTS=table2b_abmp_tiny EVAL=... bash $0 sweep
 PAR_TIMEOUT=${PAR_TIMEOUT:-270}
@@ -53,34 +58,63 @@ host2() {
   PYTHONPATH=$PWD/$HOST/site python3 -c "import ray, hydra_plugins.hydra_ray_launcher._core; print('ray', ray.__version__)"
 }
 
-run_sweeps() {
+job_args() {
   . experiments/stage_smol_dllm.sh env
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-3}
-  local common=(save_model=true) t0 t1 t2 rc_par rc_seq
+  common=(save_model=true)
   # shellcheck disable=SC2206
   common+=(${MODEL_ARGS-model.base_path=$SMOL_GGUF} $EVAL $CALIB)
+}
+
+# wall time of one piece: side, experiments, seconds, exit status -> $WORK/walls.jsonl
+record_wall() {
+  python3 -c 'import json, sys; print(json.dumps({"side": sys.argv[1], "experiments": sys.argv[2],
+      "wall_s": float(sys.argv[4]) - float(sys.argv[3]), "exit": int(sys.argv[5])}))' "$@" >> $WORK/walls.jsonl
+}
+
+run_parallel() {
+  local common t0 rc
+  job_args
   rm -rf $WORK && mkdir -p $WORK
   t0=$(date +%s.%N)
   # four jobs share the GPU (a quarter each); several experiments in one Ray queue
   GPU_SHARE=0.25 SWEEP=$WORK/parallel RAY_ARGS="--num-gpus=1 --num-cpus=8" RAY="python3 -m ray.scripts.scripts" \
     PY=python3 timeout "$PAR_TIMEOUT" bash experiments/sweep_queue.sh "$EXPERIMENTS" "${common[@]}" \
     > $WORK/parallel.log 2>&1
-  rc_par=$?
-  t1=$(date +%s.%N)
+  rc=$?
+  record_wall parallel "$EXPERIMENTS" "$t0" "$(date +%s.%N)" "$rc"
+  mkdir -p "$OUT" && tail -c 20000 $WORK/parallel.log > "$OUT/parallel.log" && cp $WORK/walls.jsonl "$OUT/"
+}
+
+run_sequential() {
+  local common t0 rc side=${SIDE_EXPERIMENTS:-$EXPERIMENTS}
+  job_args
+  mkdir -p $WORK
+  t0=$(date +%s.%N)
   # the same jobs one after another: Hydra's basic launcher, one -m call per experiment
   timeout "$SEQ_TIMEOUT" bash -c 'for e in ${1//,/ }; do
       python3 run.py -m "experiment=$e" "hydra.sweep.dir=$2/sequential/$e" "${@:3}" || exit 1
-    done' _ "$EXPERIMENTS" "$WORK" "${common[@]}" > $WORK/sequential.log 2>&1
-  rc_seq=$?
-  t2=$(date +%s.%N)
-  python3 - "$WORK" "$t0" "$t1" "$t2" "$rc_par" "$rc_seq" "$EXPERIMENTS" <<'EOF'
+    done' _ "$side" "$WORK" "${common[@]}" >> $WORK/sequential.log 2>&1
+  rc=$?
+  record_wall sequential "$side" "$t0" "$(date +%s.%N)" "$rc"
+  mkdir -p "$OUT" && tail -c 20000 $WORK/sequential.log > "$OUT/sequential.log" && cp $WORK/walls.jsonl "$OUT/"
+}
+
+compare() {
+  python3 - "$WORK" "$EXPERIMENTS" <<'EOF'
 import hashlib, json, sys
 from pathlib import Path
 import pandas as pd
 import torch
 
-work, t0, t1, t2, rc_par, rc_seq, experiments = sys.argv[1:]
+work, experiments = sys.argv[1:]
 work = Path(work)
+walls = [json.loads(line) for line in (work / "walls.jsonl").read_text().splitlines()]
+
+def side_wall(side):
+    pieces = [w for w in walls if w["side"] == side]
+    return {"wall_s": sum(w["wall_s"] for w in pieces), "exit": max((w["exit"] for w in pieces), default=None),
+            "pieces": pieces}
 
 def digest(model_dir):
     """sha256 over every saved tensor file of the job's quantized model (save_model=true)."""
@@ -125,9 +159,8 @@ out = {
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     "experiments": experiments.split(","),
     "parallel": {"launcher": "hydra/launcher=parallel (Ray), 4 jobs per GPU (num_gpus=0.25)",
-                 "wall_s": float(t1) - float(t0), "exit": int(rc_par)},
-    "sequential": {"launcher": "Hydra basic launcher, one -m call per experiment",
-                   "wall_s": float(t2) - float(t1), "exit": int(rc_seq)},
+                 **side_wall("parallel")},
+    "sequential": {"launcher": "Hydra basic launcher, one -m call per experiment", **side_wall("sequential")},
     "jobs": jobs,
 }
 finished = bool(jobs) and all(
@@ -140,8 +173,7 @@ out["all_identical"] = bool(jobs) and all(j.get("weights_identical") and j.get("
 print(json.dumps(out, indent=1))
 (work / "launcher_sweep.json").write_text(json.dumps(out, indent=1))
 EOF
-  mkdir -p "$OUT" && cp $WORK/launcher_sweep.json "$OUT/" && tail -c 20000 $WORK/parallel.log > "$OUT/parallel.log"
-  tail -c 20000 $WORK/sequential.log > "$OUT/sequential.log"
+  mkdir -p "$OUT" && cp $WORK/launcher_sweep.json "$OUT/"
   rm -rf $WORK/*/*/*/model   # 0.5 GB per job
 }
 
@@ -149,6 +181,9 @@ case "${1:-}" in
   pack) pack ;;
   host1) host1 ;;
   host2) host2 ;;
-  sweep) run_sweeps ;;
-  *) echo "usage: $0 pack|host1|host2|sweep" >&2; exit 2 ;;
+  parallel) run_parallel ;;
+  sequential) run_sequential ;;
+  compare) compare ;;
+  sweep) run_parallel && run_sequential && compare ;;
+  *) echo "usage: $0 pack|host1|host2|parallel|sequential|compare|sweep" >&2; exit 2 ;;
 esac
