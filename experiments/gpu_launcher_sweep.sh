@@ -28,7 +28,7 @@ CALIB=${CALIB:-}                    # e.g. calib.mode=stratified to shorten the 
 PAR_TIMEOUT=${PAR_TIMEOUT:-270}
 SEQ_TIMEOUT=${SEQ_TIMEOUT:-330}
 OUT=${OUT:-/tmp/out}
-WORK=$HOST/launcher_sweep
+WORK=${WORK:-$HOST/launcher_sweep}   # compare also runs on a copy of $OUT: WORK=<that copy>
 
 pack() {
   rm -rf .stage_l1 .stage_l2 && mkdir -p .stage_l1 .stage_l2/whl
@@ -72,6 +72,20 @@ record_wall() {
       "wall_s": float(sys.argv[4]) - float(sys.argv[3]), "exit": int(sys.argv[5])}))' "$@" >> $WORK/walls.jsonl
 }
 
+# what the comparison needs of each finished job, kept small and sent back with every piece (a lease can
+# end between calls): results.json, layers.parquet and the sha256 of the saved weights (then deleted,
+# 0.5 GB per job)
+keep_side() {
+  local side=$1 d
+  for d in $WORK/$side/*/*/; do
+    [ -d "$d/model" ] && (cd "$d/model" && cat $(ls *.safetensors | sort) | sha256sum | cut -d' ' -f1 > ../model.sha256) \
+      && rm -rf "$d/model"
+  done
+  mkdir -p "$OUT" && cp $WORK/walls.jsonl "$OUT/" && tail -c 20000 $WORK/$side.log > "$OUT/$side.log"
+  (cd $WORK && find $side \( -name results.json -o -name layers.parquet -o -name model.sha256 \) -print0 \
+    | xargs -0 tar -cf - | tar -xf - -C "$OUT")
+}
+
 run_parallel() {
   local common t0 rc
   job_args
@@ -83,7 +97,7 @@ run_parallel() {
     > $WORK/parallel.log 2>&1
   rc=$?
   record_wall parallel "$EXPERIMENTS" "$t0" "$(date +%s.%N)" "$rc"
-  mkdir -p "$OUT" && tail -c 20000 $WORK/parallel.log > "$OUT/parallel.log" && cp $WORK/walls.jsonl "$OUT/"
+  keep_side parallel
 }
 
 run_sequential() {
@@ -97,12 +111,12 @@ run_sequential() {
     done' _ "$side" "$WORK" "${common[@]}" >> $WORK/sequential.log 2>&1
   rc=$?
   record_wall sequential "$side" "$t0" "$(date +%s.%N)" "$rc"
-  mkdir -p "$OUT" && tail -c 20000 $WORK/sequential.log > "$OUT/sequential.log" && cp $WORK/walls.jsonl "$OUT/"
+  keep_side sequential
 }
 
 compare() {
   python3 - "$WORK" "$EXPERIMENTS" <<'EOF'
-import hashlib, json, sys
+import json, sys
 from pathlib import Path
 import pandas as pd
 import torch
@@ -116,17 +130,15 @@ def side_wall(side):
     return {"wall_s": sum(w["wall_s"] for w in pieces), "exit": max((w["exit"] for w in pieces), default=None),
             "pieces": pieces}
 
-def digest(model_dir):
-    """sha256 over every saved tensor file of the job's quantized model (save_model=true)."""
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []:
-        h.update(f.read_bytes())
-    return h.hexdigest() if model_dir.is_dir() else None
+def digest(job_dir):
+    """sha256 over the job's saved tensor files (save_model=true), as keep_side wrote it."""
+    f = job_dir / "model.sha256"
+    return f.read_text().strip() if f.exists() else None
 
 def job(d):
     rec = json.loads((d / "results.json").read_text())
     layers = d / "layers.parquet"
-    return rec, (pd.read_parquet(layers) if layers.exists() else None), digest(d / "model")
+    return rec, (pd.read_parquet(layers) if layers.exists() else None), digest(d)
 
 jobs = []
 for exp in experiments.split(","):
@@ -174,7 +186,6 @@ print(json.dumps(out, indent=1))
 (work / "launcher_sweep.json").write_text(json.dumps(out, indent=1))
 EOF
   mkdir -p "$OUT" && cp $WORK/launcher_sweep.json "$OUT/"
-  rm -rf $WORK/*/*/*/model   # 0.5 GB per job
 }
 
 case "${1:-}" in
