@@ -185,7 +185,7 @@ out["all_identical"] = bool(jobs) and all(j.get("weights_identical") and j.get("
 print(json.dumps(out, indent=1))
 (work / "launcher_sweep.json").write_text(json.dumps(out, indent=1))
 EOF
-  mkdir -p "$OUT" && cp $WORK/launcher_sweep.json "$OUT/"
+  mkdir -p "$OUT" && { [ "$WORK/launcher_sweep.json" -ef "$OUT/launcher_sweep.json" ] || cp $WORK/launcher_sweep.json "$OUT/"; }
 }
 
 case "${1:-}" in
