@@ -14,15 +14,17 @@
 #                SIDE_EXPERIMENTS=a,b bash experiments/gpu_launcher_sweep.sh sequential   (repeatable)
 #                bash experiments/gpu_launcher_sweep.sh compare
 # Each piece appends its wall time to $WORK/walls.jsonl; the sequential wall time is the sum of its
-# pieces. EXPERIMENTS / EVAL / CALIB choose the jobs (default: all five smol Table 2 sweeps, 10 jobs,
-# perplexity-only evaluation; CALIB=calib.mode=stratified keeps every sweep's grid, calib.nsamples
-# included, and cuts MCS's T-fold calibration cost).
+# pieces. Each piece also returns $OUT/launcher_sweep.tgz (records, layer tables, weight digests, logs):
+# `WORK=<that archive unpacked> bash $0 compare` redoes the comparison anywhere.
+# EXPERIMENTS / EVAL / CALIB choose the jobs. Defaults (the run in docs/LAUNCHERS.md): all five smol
+# Table 2 sweeps, 10 jobs, perplexity-only evaluation, calib.mode=stratified (keeps every sweep's
+# grid, calib.nsamples included, and cuts MCS's T-fold calibration cost).
 set -uo pipefail
 HOST=.host
 RAY_VERSION=2.60.0
 EXPERIMENTS=${EXPERIMENTS:-smol_table2a_mcs,smol_table2b_abmp,smol_table2c_daq,smol_table2d_calib,smol_table2e_comp}
 EVAL=${EVAL:-eval=ppl eval.ppl.max_windows=32}
-CALIB=${CALIB:-}                    # e.g. calib.mode=stratified to shorten the quantization
+CALIB=${CALIB-calib.mode=stratified}   # CALIB= for the experiments' own calibration
 # MODEL_ARGS (default: the staged smol base GGUF); empty for experiments on the tiny models, e.g. a
 # CPU dry run of this script: MODEL_ARGS= EXPERIMENTS=table2b_abmp_tiny EVAL=... bash $0 sweep
 PAR_TIMEOUT=${PAR_TIMEOUT:-270}
@@ -68,8 +70,9 @@ job_args() {
 
 # wall time of one piece: side, experiments, seconds, exit status -> $WORK/walls.jsonl
 record_wall() {
-  python3 -c 'import json, sys; print(json.dumps({"side": sys.argv[1], "experiments": sys.argv[2],
-      "wall_s": float(sys.argv[4]) - float(sys.argv[3]), "exit": int(sys.argv[5])}))' "$@" >> $WORK/walls.jsonl
+  python3 -c 'import json, sys, torch; print(json.dumps({"side": sys.argv[1], "experiments": sys.argv[2],
+      "wall_s": float(sys.argv[4]) - float(sys.argv[3]), "exit": int(sys.argv[5]),
+      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))' "$@" >> $WORK/walls.jsonl
 }
 
 # what the comparison needs of each finished job, kept small and sent back with every piece (a lease can
@@ -82,8 +85,9 @@ keep_side() {
       && rm -rf "$d/model"
   done
   mkdir -p "$OUT" && cp $WORK/walls.jsonl "$OUT/" && tail -c 20000 $WORK/$side.log > "$OUT/$side.log"
-  (cd $WORK && find $side \( -name results.json -o -name layers.parquet -o -name model.sha256 \) -print0 \
-    | xargs -0 tar -cf - | tar -xf - -C "$OUT")
+  # one archive: job folder names (`0_abmp.ratio=0.1,...`) do not come back from the device as files
+  (cd $WORK && find . \( -name results.json -o -name layers.parquet -o -name model.sha256 -o -name run.log \
+    -o -name summary.csv -o -name '*.log' -o -name walls.jsonl \) -print0 | xargs -0 tar -czf "$OUT/launcher_sweep.tgz")
 }
 
 run_parallel() {
@@ -119,7 +123,6 @@ compare() {
 import json, sys
 from pathlib import Path
 import pandas as pd
-import torch
 
 work, experiments = sys.argv[1:]
 work = Path(work)
@@ -168,7 +171,7 @@ for exp in experiments.split(","):
         jobs.append(entry)
 
 out = {
-    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    "gpu": sorted({str(w.get("gpu")) for w in walls}),
     "experiments": experiments.split(","),
     "parallel": {"launcher": "hydra/launcher=parallel (Ray), 4 jobs per GPU (num_gpus=0.25)",
                  **side_wall("parallel")},
