@@ -171,7 +171,7 @@ for exp in experiments.split(","):
         jobs.append(entry)
 
 out = {
-    "gpu": sorted({str(w.get("gpu")) for w in walls}),
+    "gpu": sorted({w["gpu"] for w in walls if w.get("gpu")}),
     "experiments": experiments.split(","),
     "parallel": {"launcher": "hydra/launcher=parallel (Ray), 4 jobs per GPU (num_gpus=0.25)",
                  **side_wall("parallel")},
