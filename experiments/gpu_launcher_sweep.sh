@@ -81,13 +81,13 @@ record_wall() {
 keep_side() {
   local side=$1 d
   for d in $WORK/$side/*/*/; do
-    [ -d "$d/model" ] && (cd "$d/model" && cat $(ls *.safetensors | sort) | sha256sum | cut -d' ' -f1 > ../model.sha256) \
+    [ -d "$d/model" ] && (cd "$d/model" && cat ./*.safetensors | sha256sum | cut -d' ' -f1 > ../model.sha256) \
       && rm -rf "$d/model"
   done
-  mkdir -p "$OUT" && cp $WORK/walls.jsonl "$OUT/" && tail -c 20000 $WORK/$side.log > "$OUT/$side.log"
+  mkdir -p "$OUT" && tail -c 20000 $WORK/$side.log > "$OUT/$side.log"
   # one archive: job folder names (`0_abmp.ratio=0.1,...`) do not come back from the device as files
-  (cd $WORK && find . \( -name results.json -o -name layers.parquet -o -name model.sha256 -o -name run.log \
-    -o -name summary.csv -o -name '*.log' -o -name walls.jsonl \) -print0 | xargs -0 tar -czf "$OUT/launcher_sweep.tgz")
+  (cd $WORK && find . \( -name results.json -o -name layers.parquet -o -name model.sha256 -o -name summary.csv \
+    -o -name '*.log' -o -name walls.jsonl \) -print0 | xargs -0 tar -czf "$OUT/launcher_sweep.tgz")
 }
 
 run_parallel() {
